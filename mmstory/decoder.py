@@ -1,0 +1,119 @@
+"""The one autoregressive text decoder every generative task shares (captioning, QA, audio captioning).
+
+Causal self-attention over the text, cross-attention to the fused tokens, an LM head tied to the token
+embedding. Tasks differ only by their prompt prefix ("caption:", "question: ... answer:").
+
+Two call modes, both through ``forward``:
+- training: right-padded ``tokens`` (B, T), no positions, no cache -> plain causal attention (padding
+  sits after the real tokens, so it never reaches them) and the fast SDPA kernels;
+- generation: left-padded prompts with explicit ``positions`` and ``key_mask`` and a KV cache, so a
+  batch of prompts of different lengths decodes together, one new token per step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmstory.encoders.base import pretrained_error
+from mmstory.layers import CrossBlock, KVCache, init_weights
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, *, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+                 max_len: int = 64, memory_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.args = dict(vocab_size=vocab_size, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                         max_len=max_len, memory_dim=memory_dim, dropout=dropout)
+        self.max_len = max_len
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(CrossBlock(dim, heads, memory_dim=memory_dim, mlp_ratio=mlp_ratio, dropout=dropout)
+                                    for _ in range(depth))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        init_weights(self)
+        self.lm_head.weight = self.tok.weight  # tied, as in GPT-2
+        self.grad_checkpointing = False
+
+    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
+        """One (self-attention, cross-attention) cache pair per block."""
+        return [(KVCache(), KVCache()) for _ in self.blocks]
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                cache: list[tuple[KVCache, KVCache]] | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V).
+
+        memory (B, M, Dm) fused tokens with memory_mask (B, M). For generation: positions (B, T) of the new
+        tokens, key_mask (B, S) marking real tokens among all positions so far (cached + new, left padding
+        False), and ``cache`` from ``new_cache()``.
+        """
+        B, T = tokens.shape
+        past = cache[0][0].length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"decoder position {int(positions.max())} exceeds max_len {self.max_len}")
+        attn_mask = None
+        if key_mask is not None:  # explicit mask: causal over absolute index & not left padding
+            S = key_mask.shape[1]
+            causal = torch.arange(S, device=tokens.device)[None, :] <= torch.arange(past, past + T, device=tokens.device)[:, None]
+            attn_mask = key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
+        if memory_mask is not None and bool(memory_mask.all()):
+            memory_mask = None
+        x = self.drop(self.tok(tokens) + self.pos(positions))
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache[i] if cache is not None else None
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, memory, memory_mask=memory_mask, is_causal=True,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, memory, memory_mask=memory_mask, attn_mask=attn_mask, is_causal=attn_mask is None,
+                          cache=layer_cache, max_len=self.max_len)
+        return self.lm_head(self.ln_f(x))
+
+    def checkpoint_args(self, folder) -> dict:
+        return dict(self.args)
+
+    @classmethod
+    def from_gpt2(cls, path: str, *, memory_dim: int | None = None, dropout: float = 0.0) -> "TextDecoder":
+        """Initialise from a transformers GPT-2-family causal LM (local folder or hub name).
+
+        Self-attention, MLP, norms and embeddings are copied (GPT-2's Conv1D weights are transposed to
+        Linear); the new cross-attention layers start with a zero output projection, so the decoder
+        initially computes exactly the pretrained LM and learns to look at the fused tokens.
+        """
+        from transformers import AutoModelForCausalLM
+
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(path)
+        except Exception as e:
+            raise pretrained_error("transformers", path, path, e) from e
+        c = hf.config
+        if c.model_type != "gpt2":
+            raise ValueError(f"decoder init supports GPT-2-family checkpoints; '{path}' is '{c.model_type}'")
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 checkpoint '{path}' uses activation '{c.activation_function}'; only the tanh GELU maps exactly")
+        dec = cls(vocab_size=c.vocab_size, dim=c.n_embd, depth=c.n_layer, heads=c.n_head,
+                  mlp_ratio=(c.n_inner or 4 * c.n_embd) / c.n_embd, max_len=c.n_positions, memory_dim=memory_dim,
+                  dropout=dropout)
+        sd = hf.state_dict()
+        new = {"tok.weight": sd["transformer.wte.weight"], "pos.weight": sd["transformer.wpe.weight"],
+               "ln_f.weight": sd["transformer.ln_f.weight"], "ln_f.bias": sd["transformer.ln_f.bias"]}
+        names = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                 "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+        for i in range(c.n_layer):
+            for src, dst in names.items():
+                w, b = sd[f"transformer.h.{i}.{src}.weight"], sd[f"transformer.h.{i}.{src}.bias"]
+                # Conv1D stores (in, out); nn.Linear wants (out, in). LayerNorm weights are 1-D.
+                new[f"blocks.{i}.{dst}.weight"] = w.t() if w.dim() == 2 else w
+                new[f"blocks.{i}.{dst}.bias"] = b
+        missing, unexpected = dec.load_state_dict(new, strict=False)
+        assert not unexpected, unexpected
+        assert all(".cross." in k or "ln_cross" in k or k == "lm_head.weight" for k in missing), missing
+        for block in dec.blocks:
+            nn.init.zeros_(block.cross.proj.weight)
+            nn.init.zeros_(block.cross.proj.bias)
+        dec.args["memory_dim"] = memory_dim
+        return dec

@@ -1,0 +1,63 @@
+"""Text encoders from transformers: any encoder model (BERT, MiniLM, RoBERTa, ...) from a local
+folder or hub name, or from a config dict (random weights)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mmstory.encoders.base import EncoderOutput, pretrained_error
+
+
+class HFTextEncoder(nn.Module):
+    """tokens: last hidden state (B, L, hidden); pooled: masked mean of the tokens (B, hidden), the
+    pooling sentence-transformers models such as all-MiniLM-L6-v2 are trained with.
+
+    ``path``: a local folder (``config.json``, weights, tokenizer files) or a hub name. With
+    ``pretrained=False`` only its config and tokenizer are read. ``config`` (a dict, plus
+    ``tokenizer_path``) builds the architecture without ``path`` — that is how checkpoints rebuild it.
+    """
+
+    modality = "text"
+
+    def __init__(self, *, path: str | None = None, pretrained: bool = True, config: dict | None = None,
+                 tokenizer_path: str | None = None, base_dir: str | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        from mmstory.tokenizer import HFTokenizer
+
+        if (path is None) == (config is None):
+            raise ValueError("hf_text needs exactly one of 'path' (folder or hub name) or 'config' (dict)")
+        try:
+            if config is not None:
+                hf_config = AutoConfig.for_model(**config)
+                self.model = AutoModel.from_config(hf_config)
+            elif pretrained:
+                self.model = AutoModel.from_pretrained(path)
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+        except Exception as e:
+            if config is not None or not pretrained:
+                raise
+            raise pretrained_error("transformers", path, path, e) from e
+        if tokenizer_path and base_dir and not Path(tokenizer_path).is_absolute():
+            tokenizer_path = str(Path(base_dir) / tokenizer_path)
+        self.tokenizer = HFTokenizer(tokenizer_path or path)
+        self.width = self.pooled_width = self.model.config.hidden_size
+        self.max_len = getattr(self.model.config, "max_position_embeddings", 512)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> EncoderOutput:
+        if mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return EncoderOutput(tokens, mask, pooled)
+
+    def checkpoint_args(self, folder) -> dict:
+        self.tokenizer.save(Path(folder) / "text_tokenizer")
+        config = json.loads(self.model.config.to_json_string())  # plain data for config.yaml
+        return {"config": config, "tokenizer_path": "text_tokenizer"}

@@ -1,0 +1,83 @@
+"""timm image encoders: CNNs (final feature map as tokens) and ViTs (prefix + patch tokens)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmstory.encoders.base import EncoderOutput, full_mask, pretrained_error
+
+
+def create_timm(model_name: str, pretrained: bool | str, **kwargs) -> nn.Module:
+    """``pretrained``: False (random), True (timm's hub weights) or a local checkpoint file, which goes
+    through timm's own pretrained loader (it adapts the classifier and input channels as for hub weights)."""
+    import timm
+
+    try:
+        if isinstance(pretrained, str):
+            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": pretrained},
+                                     num_classes=0, **kwargs)
+        return timm.create_model(model_name, pretrained=bool(pretrained), num_classes=0, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"timm has no model '{model_name}' (see timm.list_models())") from e
+        raise pretrained_error("timm", model_name, pretrained, e) from e
+    except Exception as e:  # hub/network/file errors come in many types
+        if not pretrained:
+            raise
+        raise pretrained_error("timm", model_name, pretrained, e) from e
+
+
+def _timm_preprocess(model: nn.Module) -> dict:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"image_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+class TimmCNNEncoder(nn.Module):
+    """Any timm CNN by name (resnet*, convnext*, efficientnet*, ...). tokens: the final feature map
+    (B, H'*W', C); pooled: timm's own head pooling without the classifier (B, C)."""
+
+    modality = "image"
+
+    def __init__(self, *, model_name: str = "resnet18", pretrained: bool | str = False, image_size: int | None = None):
+        super().__init__()
+        self.args = {"model_name": model_name, "image_size": image_size}
+        self.model = create_timm(model_name, pretrained)
+        self.width = self.pooled_width = self.model.num_features
+        self.preprocess = _timm_preprocess(self.model)
+        if image_size:
+            self.preprocess["image_size"] = image_size
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> EncoderOutput:
+        fmap = self.model.forward_features(x)  # (B, C, H', W')
+        pooled = self.model.forward_head(fmap, pre_logits=True)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return EncoderOutput(tokens, full_mask(tokens), pooled)
+
+    def checkpoint_args(self, folder) -> dict:
+        return {**self.args, "pretrained": False}
+
+
+class TimmViTEncoder(nn.Module):
+    """Any timm ViT by name (vit_*, deit_*, eva*, ...). tokens: prefix (class/register) + patch tokens
+    after the final norm (B, N, D); pooled: the model's own pooling (class token or average)."""
+
+    modality = "image"
+
+    def __init__(self, *, model_name: str = "vit_tiny_patch16_224", pretrained: bool | str = False,
+                 image_size: int | None = None):
+        super().__init__()
+        self.args = {"model_name": model_name, "image_size": image_size}
+        kwargs = {"img_size": image_size} if image_size else {}
+        self.model = create_timm(model_name, pretrained, **kwargs)
+        self.width = self.pooled_width = self.model.num_features
+        self.preprocess = _timm_preprocess(self.model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> EncoderOutput:
+        tokens = self.model.forward_features(x)  # (B, N, D)
+        pooled = self.model.forward_head(tokens, pre_logits=True)
+        return EncoderOutput(tokens, full_mask(tokens), pooled)
+
+    def checkpoint_args(self, folder) -> dict:
+        return {**self.args, "pretrained": False}

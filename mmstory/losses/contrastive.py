@@ -1,0 +1,60 @@
+"""CLIP-style symmetric InfoNCE between pairs of embedded modalities, correct under torch.distributed."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather (B, E) features from every rank, keeping the autograd graph (its backward sums the
+    gradients back to their owners). Returns (world_B, E) and this rank's row offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x)
+    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+
+class ContrastiveLoss(nn.Module):
+    """For each pair (a, b) in ``pairs`` whose embeddings are in the outputs:
+    mean of CE(s * a @ b_all.T) and CE(s * b @ a_all.T) with s = exp(logit_scale) clamped to
+    ``max_logit_scale``. Under DDP each rank scores its own rows against the global batch (labels
+    offset by rank), so the summed gradients equal those of the global-batch loss.
+    Returns ``{"contrastive_<a>_<b>_loss": ...}`` per pair present."""
+
+    def __init__(self, *, pairs: list[list[str]] = (("image", "text"), ("audio", "text")),
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, label_smoothing: float = 0.0,
+                 learn_temperature: bool = True):
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        bad = [p for p in self.pairs if len(p) != 2]
+        if bad:
+            raise ValueError(f"contrastive pairs must name two modalities each; got {bad}")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+                                        requires_grad=learn_temperature)
+        self.max_log = math.log(max_logit_scale)
+        self.label_smoothing = label_smoothing
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self.max_log).exp()
+
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a, b: (B, E) L2-normalised embeddings of matching rows."""
+        s = self.scale()
+        all_a, offset = gather_with_grad(a)
+        all_b, _ = gather_with_grad(b)
+        labels = torch.arange(a.shape[0], device=a.device) + offset
+        logits_a = s * a @ all_b.T  # (B, world_B)
+        logits_b = s * b @ all_a.T
+        return (F.cross_entropy(logits_a, labels, label_smoothing=self.label_smoothing)
+                + F.cross_entropy(logits_b, labels, label_smoothing=self.label_smoothing)) / 2
+
+    def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        embeds = outputs.get("embeds", {})
+        return {f"contrastive_{a}_{b}_loss": self.pair_loss(embeds[a], embeds[b])
+                for a, b in self.pairs if a in embeds and b in embeds}

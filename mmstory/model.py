@@ -1,0 +1,199 @@
+"""``MultimodalModel``: encoders + fusion + the shared decoder + weighted losses, assembled by composition.
+
+Batch keys (bool masks, True = real):
+    image (B, 3, H, W) | audio (B, T), audio_mask (B, T)
+    text_ids, text_mask (B, L)           the caption for contrastive learning (text tokenizer)
+    question_ids, question_mask (B, Lq)  a question to fuse with the image/audio (text tokenizer)
+    tokens, tokens_mask, target_mask (B, S)  decoder sequence: BOS + prompt + target + EOS
+
+The fusion sees image, audio and question tokens, never ``text``: that is the caption the decoder must
+predict, and letting the decoder read it would teach it to copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from mmstory.config import Component, ModelConfig, from_dict, to_dict
+from mmstory.decoder import TextDecoder
+from mmstory.encoders import ENCODERS, EncoderOutput
+from mmstory.fusion import FUSIONS
+from mmstory.generation import DecodeOptions, generate
+from mmstory.losses import LOSSES
+from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
+
+# modality -> (batch key, mask key, encoder that reads it)
+INPUTS = {
+    "image": ("image", None, "image"),
+    "audio": ("audio", "audio_mask", "audio"),
+    "text": ("text_ids", "text_mask", "text"),
+    "question": ("question_ids", "question_mask", "text"),
+}
+FUSED = ("image", "audio", "question")
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, *, encoders: dict[str, nn.Module], fusion: nn.Module, decoder: TextDecoder,
+                 losses: dict[str, tuple[nn.Module, float]], tokenizer: Tokenizer, dim: int, embed_dim: int,
+                 config: ModelConfig | None = None):
+        super().__init__()
+        for name, enc in encoders.items():
+            if name not in ("image", "text", "audio") or enc.modality != name:
+                raise ValueError(f"encoder for '{name}' reads '{enc.modality}' inputs; encoders must be keyed "
+                                 f"by the modality they read (image, text, audio)")
+        self.encoders = nn.ModuleDict(encoders)
+        self.token_proj = nn.ModuleDict({m: nn.Linear(e.width, dim) for m, e in encoders.items()})
+        self.embed_proj = nn.ModuleDict({m: nn.Linear(e.pooled_width, embed_dim, bias=False) for m, e in encoders.items()})
+        self.fusion = fusion
+        self.decoder = decoder
+        self.losses = nn.ModuleDict({n: loss for n, (loss, _) in losses.items()})
+        self.loss_weights = {n: w for n, (_, w) in losses.items()}
+        self.tokenizer = tokenizer
+        self.text_tokenizer = getattr(encoders.get("text"), "tokenizer", tokenizer)
+        self.config = config
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, batch: dict) -> dict[str, EncoderOutput]:
+        """Run each encoder on the modalities present in ``batch``."""
+        out = {}
+        for modality, (key, mask_key, enc) in INPUTS.items():
+            if key in batch and enc in self.encoders:
+                out[modality] = self.encoders[enc](batch[key], batch.get(mask_key) if mask_key else None)
+        return out
+
+    def embed(self, feats: dict[str, EncoderOutput]) -> dict[str, torch.Tensor]:
+        """L2-normalised contrastive embeddings (B, embed_dim) per encoded modality."""
+        return {m: F.normalize(self.embed_proj[INPUTS[m][2]](f.pooled), dim=-1)
+                for m, f in feats.items() if m != "question"}
+
+    def fuse(self, feats: dict[str, EncoderOutput]) -> dict[str, torch.Tensor]:
+        """Project fused-modality tokens to the model width and fuse them: {"tokens" (B, M, dim), "mask"}."""
+        inputs = {m: (self.token_proj[INPUTS[m][2]](f.tokens), f.mask) for m, f in feats.items() if m in FUSED}
+        if not inputs:
+            raise ValueError(f"nothing to fuse: the batch has none of {FUSED} with an encoder "
+                             f"(encoders: {list(self.encoders)})")
+        return self.fusion(inputs)
+
+    # ---------------------------------------------------------------- training forward
+    def forward(self, batch: dict) -> dict:
+        """Returns {"embeds": {modality: (B, E)}, "logits": (B, S, V) when ``tokens`` is given,
+        each loss term "<name>_loss", and "loss" = sum of weight * term}."""
+        feats = self.encode(batch)
+        out: dict = {"embeds": self.embed(feats)}
+        if "tokens" in batch:
+            fused = self.fuse(feats)
+            out["logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"])
+            if "gates" in fused:
+                out["gates"] = fused["gates"]
+        total = None
+        for name, loss_fn in self.losses.items():
+            for term, value in loss_fn(out, batch).items():
+                out[term] = value
+                weighted = self.loss_weights[name] * value
+                total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError(f"no loss applies to this batch (keys: {sorted(batch)}); "
+                             f"losses configured: {list(self.losses)}")
+        out["loss"] = total
+        return out
+
+    # ---------------------------------------------------------------- inference helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> normalised embeddings (N, E), tokenised with the text encoder's tokenizer."""
+        max_len = getattr(self.encoders["text"], "max_len", None)
+        ids, mask = self.text_tokenizer.batch(texts, max_len=max_len)
+        feats = {"text": self.encoders["text"](ids.to(self.device), mask.to(self.device))}
+        return self.embed(feats)["text"]
+
+    @torch.no_grad()
+    def embed_inputs(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """A batch dict (image / audio / text_ids ...) -> normalised embeddings per modality."""
+        return self.embed(self.encode(inputs))
+
+    @torch.no_grad()
+    def generate(self, inputs: dict, prompts: str | list[str] = "caption:", **options) -> list[str]:
+        """Decode text for any mix of fused inputs (image, audio, question_ids) with a prompt per row.
+        ``options`` are ``DecodeOptions`` fields (max_new_tokens, num_beams, do_sample, top_k, ...)."""
+        feats = self.encode({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        fused = self.fuse(feats)
+        B = fused["tokens"].shape[0]
+        prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != B:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {B}")
+        tok = self.tokenizer
+        ids, mask = pad_sequences([[tok.bos_id] + tok.encode(p) for p in prompts], tok.pad_id, left=True)
+        out = generate(self.decoder, fused["tokens"], fused["mask"], ids.to(self.device), mask.to(self.device),
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, opts=DecodeOptions(**options))
+        return [tok.decode(row) for row in out]
+
+    def caption(self, images: torch.Tensor, prompt: str = "caption:", **options) -> list[str]:
+        """images (B, 3, H, W), already resized and normalised for the image encoder -> captions."""
+        return self.generate({"image": images}, prompt, **options)
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, folder: str | os.PathLike) -> None:
+        """A folder with ``model.safetensors`` and ``config.yaml`` (plus tokenizer files). The saved config
+        rebuilds the architecture without reaching for pretrained weights; the weights come from the file."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.replace(self.config) if self.config else ModelConfig()
+        cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder)
+                                     if hasattr(enc, "checkpoint_args") else dict(cfg.encoders[m].args))
+                        for m, enc in self.encoders.items()}
+        dec = self.decoder.args
+        cfg.decoder = dataclasses.replace(cfg.decoder, dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],
+                                          mlp_ratio=float(dec["mlp_ratio"]), max_len=dec["max_len"],
+                                          vocab_size=dec["vocab_size"], pretrained=None)
+        spec = self.tokenizer.save(folder / "tokenizer")
+        cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind=spec["kind"],
+                                            path=None if spec["path"] is None else str(Path("tokenizer") / spec["path"]))
+        save_model(self, str(folder / "model.safetensors"))
+        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def build_model(cfg: ModelConfig, *, base_dir: str | os.PathLike | None = None) -> MultimodalModel:
+    """Construct every component from the registries and hand them to ``MultimodalModel``."""
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, base_dir)
+    inject = {"vocab_size": tokenizer.vocab_size, "base_dir": None if base_dir is None else str(base_dir)}
+    encoders = {m: ENCODERS.build(c.name, c.args, **inject) for m, c in cfg.encoders.items()}
+    fusion = FUSIONS.build(cfg.fusion.name, cfg.fusion.args, dim=cfg.dim)
+    d = cfg.decoder
+    if d.pretrained:
+        decoder = TextDecoder.from_gpt2(d.pretrained, memory_dim=cfg.dim, dropout=d.dropout)
+    else:
+        decoder = TextDecoder(vocab_size=d.vocab_size or tokenizer.vocab_size, dim=d.dim, depth=d.depth,
+                              heads=d.heads, mlp_ratio=d.mlp_ratio, max_len=d.max_len, memory_dim=cfg.dim,
+                              dropout=d.dropout)
+    if tokenizer.vocab_size > decoder.tok.num_embeddings:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the decoder only "
+                         f"{decoder.tok.num_embeddings} embeddings; use the decoder's own tokenizer")
+    losses = {n: (LOSSES.build(s.name, s.args), s.weight) for n, s in cfg.losses.items()}
+    return MultimodalModel(encoders=encoders, fusion=fusion, decoder=decoder, losses=losses, tokenizer=tokenizer,
+                           dim=cfg.dim, embed_dim=cfg.embed_dim, config=cfg)
+
+
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> MultimodalModel:
+    """Load a folder written by ``MultimodalModel.save``. Weights come from safetensors only: loading
+    never unpickles code from a file."""
+    from safetensors.torch import load_model
+
+    folder = Path(path)
+    if not (folder / "config.yaml").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} is not an mmstory model folder (needs config.yaml and model.safetensors)")
+    cfg = from_dict(ModelConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+    model = build_model(cfg, base_dir=folder)
+    load_model(model, str(folder / "model.safetensors"), device=str(map_location))
+    return model.eval()
