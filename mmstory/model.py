@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from mmstory.config import Component, ModelConfig, from_dict, to_dict
+from mmstory.config import Component, ModelConfig, from_dict, to_dict, yaml_load
 from mmstory.decoder import TextDecoder
 from mmstory.encoders import ENCODERS, EncoderOutput
 from mmstory.fusion import FUSIONS
@@ -193,7 +193,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     folder = Path(path)
     if not (folder / "config.yaml").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} is not an mmstory model folder (needs config.yaml and model.safetensors)")
-    cfg = from_dict(ModelConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+    cfg = from_dict(ModelConfig, yaml_load((folder / "config.yaml").read_text()))
     model = build_model(cfg, base_dir=folder)
     load_model(model, str(folder / "model.safetensors"), device=str(map_location))
     return model.eval()

@@ -77,9 +77,12 @@ class OpenCLIPTextEncoder(nn.Module):
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds open_clip's context length {self.max_len}")
         if mask is None:
             mask = ids != self.tokenizer.pad_id
-        # Causal attention: padding sits after the real tokens, so it never reaches them.
-        pooled, tokens = self.text(ids)
-        return EncoderOutput(tokens, mask, pooled)
+        # open_clip's causal mask is fixed at the context length: pad to it and cut the tokens back.
+        # Causal attention means padding (after the real tokens) never reaches them.
+        L = ids.shape[1]
+        full = nn.functional.pad(ids, (0, self.max_len - L), value=self.tokenizer.pad_id)
+        pooled, tokens = self.text(full)
+        return EncoderOutput(tokens[:, :L], mask, pooled)
 
     def checkpoint_args(self, folder) -> dict:
         return {**self.args, "pretrained": None}

@@ -73,6 +73,8 @@ class TimmViTEncoder(nn.Module):
         self.model = create_timm(model_name, pretrained, **kwargs)
         self.width = self.pooled_width = self.model.num_features
         self.preprocess = _timm_preprocess(self.model)
+        if image_size:
+            self.preprocess["image_size"] = image_size
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> EncoderOutput:
         tokens = self.model.forward_features(x)  # (B, N, D)

@@ -1,0 +1,159 @@
+"""Model assembly, losses against references, save/load, config and registry errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch, tiny_config
+from mmstory.config import Component, ConfigError, ModelConfig, from_dict, load_config, parse_overrides
+from mmstory.encoders import ENCODERS
+from mmstory.losses.captioning import CaptionLoss
+from mmstory.losses.contrastive import ContrastiveLoss
+from mmstory.model import build_model, load
+
+
+def test_contrastive_equals_open_clip_clip_loss():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    ours = ContrastiveLoss(pairs=[["image", "text"]], init_temperature=1 / 14.3)
+    expected = ClipLoss()(img, txt, ours.scale())
+    got = ours({"embeds": {"image": img, "text": txt}}, {})["contrastive_image_text_loss"]
+    torch.testing.assert_close(got, expected)
+
+
+def test_contrastive_temperature_is_clamped_and_learnable():
+    loss = ContrastiveLoss(pairs=[["a", "b"]], max_logit_scale=100.0)
+    with torch.no_grad():
+        loss.logit_scale.fill_(10.0)
+    assert loss.scale().item() == pytest.approx(100.0)
+    x = F.normalize(torch.randn(4, 8), dim=-1)
+    loss.logit_scale.data.fill_(2.0)
+    loss({"embeds": {"a": x, "b": x.roll(1, 0)}}, {})["contrastive_a_b_loss"].backward()
+    assert loss.logit_scale.grad is not None and loss.logit_scale.grad != 0
+
+
+def test_contrastive_label_smoothing_matches_formula():
+    x, y = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    loss = ContrastiveLoss(pairs=[["a", "b"]], label_smoothing=0.1, init_temperature=0.5)
+    logits = 2.0 * x @ y.T
+    target = torch.full((4, 4), 0.1 / 4) + torch.eye(4) * 0.9
+    expected = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(loss({"embeds": {"a": x, "b": y}}, {})["contrastive_a_b_loss"], expected)
+
+
+def test_caption_loss_counts_only_targets():
+    torch.manual_seed(0)
+    V = 11
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 5, 8, 2, 0, 0]])
+    target = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(2, 6, V)
+    got = CaptionLoss()({"logits": logits}, {"tokens": tokens, "target_mask": target})["caption_loss"]
+    picks = [(0, 1, 6), (0, 2, 7), (0, 3, 2), (1, 1, 8), (1, 2, 2)]  # (row, position, next token)
+    expected = torch.stack([-logits[r, t].log_softmax(-1)[y] for r, t, y in picks]).mean()
+    torch.testing.assert_close(got, expected)
+    # logits at prompt and padding positions do not matter
+    logits2 = logits.clone()
+    logits2[0, 0] = 100
+    logits2[1, 4:] = -50
+    got2 = CaptionLoss()({"logits": logits2}, {"tokens": tokens, "target_mask": target})["caption_loss"]
+    torch.testing.assert_close(got, got2)
+
+
+def test_decoder_padding_does_not_change_real_positions(tiny_model):
+    tiny_model.eval()
+    batch = make_batch(tiny_model, B=3)
+    changed = dict(batch)
+    changed["tokens"] = batch["tokens"].masked_fill(~batch["tokens_mask"], 42)
+    a, b = tiny_model(batch), tiny_model(changed)
+    m = batch["tokens_mask"]
+    torch.testing.assert_close(a["logits"][m], b["logits"][m])
+    torch.testing.assert_close(a["caption_loss"], b["caption_loss"])
+
+
+def test_loss_weights_come_from_config():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.losses["caption"].weight = 3.0
+    model = build_model(cfg)
+    out = model(make_batch(model))
+    expected = 3.0 * out["caption_loss"] + out["contrastive_image_text_loss"] + out["contrastive_audio_text_loss"]
+    torch.testing.assert_close(out["loss"], expected)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted", "cross_attention"])
+def test_save_load_gives_identical_outputs(tmp_path, fusion):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(fusion=fusion)).eval()
+    batch = make_batch(model, question=True)
+    model.save(tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    a, b = model(batch), loaded(batch)
+    for key in ("logits", "loss", "caption_loss"):
+        assert torch.equal(a[key], b[key]), key
+    images = batch["image"]
+    assert model.caption(images, max_new_tokens=6) == loaded.caption(images, max_new_tokens=6)
+
+
+def test_save_load_with_library_encoders(tmp_path, minilm_path, open_clip_tiny_config):
+    """hf_text and open_clip towers rebuild from the saved folder alone (no pretrained source needed)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(audio=False)
+    cfg.encoders = {"image": Component("open_clip_visual", {"model_name": open_clip_tiny_config}),
+                    "text": Component("hf_text", {"path": minilm_path})}
+    model = build_model(cfg).eval()
+    batch = make_batch(model, B=2, audio=False)
+    model.save(tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    assert "path" not in loaded.config.encoders["text"].args
+    torch.testing.assert_close(model(batch)["loss"], loaded(batch)["loss"], rtol=0, atol=0)
+
+
+def test_load_never_unpickles(tmp_path):
+    model = build_model(tiny_config())
+    model.save(tmp_path / "m")
+    assert not list((tmp_path / "m").rglob("*.pt")) and not list((tmp_path / "m").rglob("*.bin"))
+    with pytest.raises(FileNotFoundError, match="not an mmstory model folder"):
+        load(tmp_path)
+
+
+def test_unknown_component_lists_valid_names():
+    with pytest.raises(KeyError, match="unknown encoder 'vitt'; valid names: .*audio_transformer.*vit"):
+        ENCODERS["vitt"]
+    cfg = tiny_config()
+    cfg.fusion = Component("concatenate")
+    with pytest.raises(KeyError, match="unknown fusion 'concatenate'; valid names: concat, cross_attention, weighted"):
+        build_model(cfg)
+
+
+def test_unknown_component_argument_is_named():
+    cfg = tiny_config()
+    cfg.encoders["image"].args["widht"] = 32
+    with pytest.raises(TypeError, match=r"encoder 'vit' got unknown argument\(s\) \['widht'\]"):
+        build_model(cfg)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'decoder.dpeth'"):
+        from_dict(ModelConfig, {"decoder": {"dpeth": 3}})
+    with pytest.raises(ConfigError, match="config key 'decoder.depth': expected int, got str"):
+        from_dict(ModelConfig, {"decoder": {"depth": "three"}})
+    with pytest.raises(ConfigError, match="config key 'dim': expected int, got bool"):
+        from_dict(ModelConfig, {"dim": True})
+    path = tmp_path / "m.yaml"
+    path.write_text("dim: 64\nfusion: {name: weighted}\n")
+    cfg = load_config(ModelConfig, path, ["--decoder.depth=2", "--encoders.image.args.width=128"])
+    assert (cfg.dim, cfg.fusion.name, cfg.decoder.depth, cfg.encoders["image"].args["width"]) == (64, "weighted", 2, 128)
+    assert cfg.encoders["image"].args["patch_size"] == 8  # the rest of the mapping is kept
+    assert parse_overrides(["--a.b=1e-3", "c=[1, 2]"]) == {"a": {"b": 1e-3}, "c": [1, 2]}
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["--oops"])
+
+
+def test_encoders_must_match_their_modality():
+    cfg = tiny_config()
+    cfg.encoders["text"] = Component("vit", {"image_size": 32, "width": 32, "depth": 1, "heads": 2})
+    with pytest.raises(ValueError, match="encoder for 'text' reads 'image' inputs"):
+        build_model(cfg)
