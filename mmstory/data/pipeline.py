@@ -1,0 +1,613 @@
+"""Webdataset shards -> padded training/eval batches, deterministic enough to resume mid-epoch.
+
+Stages, all inside each DataLoader worker (the main process only drops empty batches):
+
+    shard list --shuffle(seed, epoch)--> split by DDP rank, then by worker
+      --> tar reading, grouped by key (raw bytes)
+      --> sample shuffle buffer (seed, epoch, rank, worker)          [train only]
+      --> groups of batch_size raw samples   <- skip_batches drops whole groups here, before decoding
+      --> decode + transforms + task choice (transforms.SampleDecoder), per-sample RNG from (seed, epoch, key)
+      --> collate: padding and masks
+
+Why batches are formed *before* decoding: a bad sample is dropped from its group (the batch comes out
+one smaller) instead of pulling in the next sample, so which samples land in batch ``i`` never
+depends on decoding, and a resumed run can skip whole groups without decoding them.
+
+DataLoader hands out batch ``i`` from worker ``i % W`` (skipping exhausted workers), so resuming
+at batch ``k`` means: each worker skips its share of the first ``k`` batches, and the workers are
+rotated so that the one owning batch ``k`` runs first. Exact when per-shard sample counts are known
+(manifest, or counted from local tar headers) and in resampled mode.
+
+Batch format (B samples, L text tokens, S decoder tokens, T audio samples):
+    __key__      list[str]
+    image        float (B, 3, H, W)    normalised; absent when no sample has an image
+    image_mask   bool (B,)             only when some samples of the batch lack an image
+    audio        float (B, T)          absent when no sample has audio
+    audio_mask   bool (B, T)           True = real waveform sample (False = padding / no audio)
+    text_ids     long (B, L)           one caption per sample, text tokenizer, [bos] .. [eos]
+    text_mask    bool (B, L)
+    question_ids, question_mask        (B, L), only with cfg.fuse_question ("" for non-QA samples)
+    tokens       long (B, S)           [bos] prompt " target" [eos], right-padded with pad_id
+    tokens_mask  bool (B, S)
+    target_mask  bool (B, S)           True exactly at the target tokens and the final eos
+    task, prompt list[str]; references list[list[str]]; meta list[dict]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+import warnings
+import weakref
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, BadSample, SampleDecoder
+from mmstory.tokenizer import Tokenizer, pad_sequences
+
+log = logging.getLogger(__name__)
+
+TASKS = ("caption", "caption_zh", "qa")
+MAX_WARNINGS_PER_WORKER = 20
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 64
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 1000          # raw samples held per worker (train only)
+    resampled: bool = False             # infinite stream: shards drawn with replacement
+    seed: int = 0
+    # sampling weights of the decoder task for a sample with an image / for an audio-only sample;
+    # a sample only gets tasks it has text for
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "qa": 1.0})
+    audio_tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    prompts: dict[str, str] = field(default_factory=lambda: {
+        "caption": "caption:", "caption_zh": "caption zh:", "qa": "question: {question} answer:"})
+    max_text_len: int = 32              # contrastive caption / fused question, incl. bos and eos
+    max_tokens: int = 48                # decoder sequence, incl. bos and eos
+    audio_seconds: float = 2.0
+    sample_rate: int = 16000
+    augment: bool = True                # random crop + colour jitter (train), random audio crop
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    color_jitter: float = 0.1
+    fuse_question: bool = False         # also emit question_ids/question_mask
+    drop_last: bool = False             # drop each worker's last partial batch
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+
+    def __post_init__(self):
+        for name in ("tasks", "audio_tasks"):
+            weights = getattr(self, name)
+            unknown = sorted(set(weights) - set(TASKS))
+            if unknown:
+                raise ValueError(f"data.{name}: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+            if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+                raise ValueError(f"data.{name}: weights must be >= 0 with at least one > 0, got {weights}")
+            missing = sorted(t for t in weights if t not in self.prompts)
+            if missing:
+                raise ValueError(f"data.prompts has no template for task(s) {missing}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0 "
+                             f"(got {self.batch_size}, {self.workers})")
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable values; unlike ``hash()`` it is the same in every process."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None = None
+
+
+def resolve_shards(source: Any) -> list[Shard]:
+    """Accept a manifest ``SplitInfo``, a list of ``ShardInfo``-likes (``.url``, ``.samples``), or a
+    list of URL/path strings (a single string is one shard)."""
+    if hasattr(source, "shards"):
+        source = source.shards
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    shards = []
+    for s in source:
+        if isinstance(s, (str, os.PathLike)):
+            shards.append(Shard(os.fspath(s)))
+        else:
+            shards.append(Shard(s.url, getattr(s, "samples", None)))
+    if not shards:
+        raise ValueError("no shards given")
+    return shards
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if (url.startswith("pipe:") or "://" in url) else url
+
+
+def count_samples(url: str) -> int | None:
+    """Number of samples in a local shard from its tar headers (no data read); None if not local."""
+    path = _local_path(url)
+    if path is None or not os.path.isfile(path):
+        return None
+    keys, last = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                key = _split_name(member.name)[0] if member.isfile() else None
+                if key is not None and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # a truncated shard: count what is there, as the reader will
+    return keys
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """webdataset's key/extension split: key = path up to the first dot of the file name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:
+        return None, None
+    return name[:dot], name[dot + 1:]
+
+
+def epoch_shards(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool, rank: int,
+                 world_size: int, worker: int, num_workers: int) -> list[Shard]:
+    """The shards one (rank, worker) reads in epoch mode: a global seeded shuffle, then every
+    ``world_size``-th shard for this rank, then every ``num_workers``-th of those for this worker."""
+    order = list(shards)
+    if shuffle:
+        random.Random(stable_seed("shards", seed, epoch)).shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+# ---------------------------------------------------------------------------------------------- stats
+class WorkerStats:
+    """Counts of bad data for one worker, written to a small JSON file the main process sums: workers
+    are separate processes, and files work with any start method and with persistent workers."""
+
+    def __init__(self, folder: str | None, rank: int, worker: int):
+        self.path = os.path.join(folder, f"rank{rank}-worker{worker}.json") if folder else None
+        self.counts: Counter = Counter()
+        self.warned = 0
+
+    def bad(self, reason: str, shard: str, key: str | None, detail: str) -> None:
+        self.counts[f"bad/{reason}"] += 1
+        if self.warned < MAX_WARNINGS_PER_WORKER:
+            self.warned += 1
+            more = " (further data warnings from this worker are counted but not shown)" \
+                if self.warned == MAX_WARNINGS_PER_WORKER else ""
+            warnings.warn(f"skipping {reason}: shard {shard} key {key}: {detail}{more}", RuntimeWarning,
+                          stacklevel=2)
+        self.flush()
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def flush(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(self.counts), f)
+        os.replace(tmp, self.path)  # atomic: the main process never reads half a file
+
+
+def read_stats(folder: str) -> Counter:
+    total: Counter = Counter()
+    if folder and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    total.update(json.load(f))
+    return total
+
+
+def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
+    """Print (and return) one line: samples and batches produced, and bad data skipped per reason."""
+    if not isinstance(stats, Counter):
+        stats = stats.stats
+    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
+    line = (f"data: {stats.get('samples', 0)} samples in {stats.get('batches', 0)} batches; "
+            + (f"skipped {sum(bad.values())} bad: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+               if bad else "no bad data"))
+    print_fn(line)
+    return line
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def iter_tar(url: str, stats: WorkerStats) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard. An unreadable or truncated tar
+    ends the shard with a warning; the sample being read when it broke is dropped (it may be partial)."""
+    from webdataset.gopen import gopen
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:  # gopen raises OSError/ValueError/IOError depending on the scheme
+        stats.bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
+        return
+    current: dict | None = None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if key is None:
+                    continue
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = data
+        if current is not None:
+            yield current
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        key = current["__key__"] if current else None
+        stats.bad("truncated_shard", url, key, f"{type(e).__name__}: {e}")
+
+
+def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle: keep ``size`` items, emit a random one as each new item arrives."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ---------------------------------------------------------------------------------------------- collate
+def decoder_sequence(tokenizer: Tokenizer, prompt: str, target: str, max_tokens: int) -> tuple[list[int], int]:
+    """``[bos] + encode(prompt) + encode(" " + target) + [eos]`` cut to ``max_tokens`` (the target is cut
+    first, keeping eos last). Returns the ids and the number of prompt positions (bos included)."""
+    head = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    body = tokenizer.encode(" " + target)
+    head = head[: max(1, max_tokens - 2)]          # keep room for one target token and eos
+    body = body[: max(0, max_tokens - len(head) - 1)]
+    return head + body + [tokenizer.eos_id], len(head)
+
+
+def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Tokenizer | None = None, *,
+            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False) -> dict[str, Any]:
+    """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring)."""
+    text_tokenizer = text_tokenizer or tokenizer
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
+    with_image = [("image" in s) for s in samples]
+    if any(with_image):
+        ref = next(s["image"] for s in samples if "image" in s)
+        batch["image"] = torch.stack([s.get("image", torch.zeros_like(ref)) for s in samples])  # (B, 3, H, W)
+        if not all(with_image):
+            batch["image_mask"] = torch.tensor(with_image)  # (B,)
+    if any("audio" in s for s in samples):
+        ref = next(s["audio"] for s in samples if "audio" in s)
+        batch["audio"] = torch.stack([s.get("audio", torch.zeros_like(ref)) for s in samples])  # (B, T)
+        batch["audio_mask"] = torch.stack([s.get("audio_mask", torch.zeros(ref.shape, dtype=torch.bool))
+                                           for s in samples])  # (B, T)
+    batch["text_ids"], batch["text_mask"] = text_tokenizer.batch([s["caption"] for s in samples],
+                                                                 max_len=max_text_len)  # (B, L)
+    if fuse_question:
+        batch["question_ids"], batch["question_mask"] = text_tokenizer.batch(
+            [s.get("question", "") for s in samples], max_len=max_text_len)
+    seqs, heads = zip(*(decoder_sequence(tokenizer, s["prompt"], s["target"], max_tokens) for s in samples))
+    tokens, tokens_mask = pad_sequences(seqs, tokenizer.pad_id)  # (B, S)
+    positions = torch.arange(tokens.shape[1])
+    target_mask = (positions[None, :] >= torch.tensor(heads)[:, None]) & tokens_mask
+    batch.update(tokens=tokens, tokens_mask=tokens_mask, target_mask=target_mask,
+                 task=[s["task"] for s in samples], prompt=[s["prompt"] for s in samples],
+                 references=[list(s["references"]) for s in samples], meta=[s["meta"] for s in samples])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class ShardStream(IterableDataset):
+    """Yields collated batches (or None for a group whose samples were all bad, so every worker's
+    i-th yield is its i-th group and the round-robin order DataLoader relies on is kept)."""
+
+    def __init__(self, shards: list[Shard], cfg: DataConfig, *, tokenizer: Tokenizer,
+                 text_tokenizer: Tokenizer | None, train: bool, rank: int, world_size: int, epoch: int,
+                 mean, std):
+        self.shards, self.cfg, self.train = shards, cfg, train
+        self.tokenizer, self.text_tokenizer = tokenizer, text_tokenizer or tokenizer
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.decoder = SampleDecoder(cfg, train=train, mean=mean, std=std)
+        self.skips: list[int] = [0] * max(1, cfg.workers)  # groups each logical worker skips
+        self.rotation = 0                                   # DataLoader worker i acts as logical (i + rotation) % W
+        self.stats_dir: str | None = None
+
+    def _raw(self, worker: int, num_workers: int, stats: WorkerStats) -> Iterator[tuple[dict, tuple]]:
+        """Raw samples with the tuple their per-sample RNG is seeded from."""
+        cfg = self.cfg
+        if not cfg.resampled:
+            for shard in epoch_shards(self.shards, seed=cfg.seed, epoch=self.epoch, shuffle=self.train,
+                                      rank=self.rank, world_size=self.world_size, worker=worker,
+                                      num_workers=num_workers):
+                for raw in iter_tar(shard.url, stats):
+                    yield raw, (cfg.seed, self.epoch, raw["__key__"])
+            return
+        # resampled: an infinite stream of shards drawn with replacement from this worker's own RNG;
+        # the draw number goes into the sample seed so a repeated sample gets a new augmentation
+        rng = random.Random(stable_seed("resample", cfg.seed, self.epoch, self.rank, worker))
+        draw, empty_draws = 0, 0
+        while True:
+            shard = rng.choice(self.shards)
+            got = False
+            for raw in iter_tar(shard.url, stats):
+                got = True
+                yield raw, (cfg.seed, self.epoch, self.rank, worker, draw, raw["__key__"])
+            draw += 1
+            empty_draws = 0 if got else empty_draws + 1
+            if empty_draws > 10 * len(self.shards):
+                raise RuntimeError(f"resampled stream: {empty_draws} shard draws in a row gave no samples; "
+                                   f"are the shards readable? (first: {self.shards[0].url})")
+
+    def __iter__(self) -> Iterator[dict | None]:
+        cfg = self.cfg
+        info = get_worker_info()
+        num_workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.rotation) % num_workers
+        stats = WorkerStats(self.stats_dir, self.rank, worker)
+        raws = self._raw(worker, num_workers, stats)
+        if self.train and cfg.shuffle_buffer > 1:
+            raws = shuffle_buffer(raws, cfg.shuffle_buffer,
+                                  random.Random(stable_seed("buffer", cfg.seed, self.epoch, self.rank, worker)))
+        skip = self.skips[worker] if worker < len(self.skips) else 0
+        for index, group in enumerate(_groups(raws, cfg.batch_size, cfg.drop_last)):
+            if index < skip:
+                continue  # resume: skipped before any decoding
+            samples = []
+            for raw, seed_parts in group:
+                try:
+                    samples.append(self.decoder(raw, random.Random(stable_seed(*seed_parts))))
+                except BadSample as e:
+                    stats.bad(e.reason, raw["__url__"], raw["__key__"], str(e))
+            stats.add("samples", len(samples))
+            stats.add("batches", 1 if samples else 0)
+            if index % 50 == 0:
+                stats.flush()
+            yield collate(samples, self.tokenizer, self.text_tokenizer, max_text_len=cfg.max_text_len,
+                          max_tokens=cfg.max_tokens, fuse_question=cfg.fuse_question) if samples else None
+        stats.flush()
+
+
+def _groups(items: Iterable, size: int, drop_last: bool) -> Iterator[list]:
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group and not drop_last:
+        yield group
+
+
+def _as_is(batch):
+    return batch  # batches are collated in the worker; DataLoader's default_convert would re-walk them
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # W workers x N threads on a few cores only thrash
+
+
+def resume_plan(counts: Sequence[int | None], skip_batches: int) -> tuple[list[int], int]:
+    """How many batches each logical worker skips, and the rotation so that the worker owning global
+    batch ``skip_batches`` runs first. ``counts`` = batches per logical worker (None = unbounded).
+
+    DataLoader's order is round r, then worker w, over the workers that still have a round r batch."""
+    num = len(counts)
+    if all(c is None for c in counts):
+        q, r = divmod(skip_batches, num)
+        return [q + (w < r) for w in range(num)], r
+    skips, last = [0] * num, None
+    for _ in range(skip_batches):
+        live = [w for w in range(num) if counts[w] is None or skips[w] < counts[w]]
+        if not live:
+            break
+        # next batch: the smallest (round, worker) not yet taken
+        w = min(live, key=lambda w: (skips[w], w))
+        skips[w] += 1
+        last = w
+    return skips, (0 if last is None else (last + 1) % num)
+
+
+class Loader:
+    """A DataLoader over a ``ShardStream`` with bad-data stats, ``len()`` when counts are known, and
+    ``set_epoch``. Iterate it once per epoch; ``skip_batches`` applies to the first pass only."""
+
+    def __init__(self, dataset: ShardStream, cfg: DataConfig, *, skip_batches: int = 0):
+        self.dataset, self.cfg = dataset, cfg
+        self.num_workers = max(1, cfg.workers)
+        self._root = tempfile.mkdtemp(prefix="mmstory-data-stats-")
+        weakref.finalize(self, shutil.rmtree, self._root, True)
+        self._passes = 0
+        self._stats_dir: str | None = None
+        self._counted: dict[str, int | None] = {}
+        self._set_skip(skip_batches)
+
+    def _shard_samples(self, shard: Shard) -> int | None:
+        """Samples in a shard: from the manifest, else counted once from a local tar's headers."""
+        if shard.samples is not None:
+            return shard.samples
+        if shard.url not in self._counted:
+            self._counted[shard.url] = count_samples(shard.url)
+        return self._counted[shard.url]
+
+    def _batches_per_worker(self) -> list[int | None]:
+        """Batches each logical worker yields this epoch (None: unknown or unbounded)."""
+        ds, cfg = self.dataset, self.cfg
+        if cfg.resampled:
+            return [None] * self.num_workers
+        out = []
+        for w in range(self.num_workers):
+            shards = epoch_shards(ds.shards, seed=cfg.seed, epoch=ds.epoch, shuffle=ds.train, rank=ds.rank,
+                                  world_size=ds.world_size, worker=w, num_workers=self.num_workers)
+            counts = [self._shard_samples(s) for s in shards]
+            if any(c is None for c in counts):
+                out.append(None)
+                continue
+            n = sum(counts)
+            out.append(n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size))
+        return out
+
+    def _set_skip(self, skip_batches: int) -> None:
+        self.skip_batches = skip_batches
+        counts = self._batches_per_worker()
+        if skip_batches > 0 and not self.cfg.resampled and any(c is None for c in counts):
+            warnings.warn("resuming with unknown shard sizes (remote shards without manifest counts): "
+                          "the resumed batches are exact only while every worker still has batches left")
+        self.dataset.skips, self.dataset.rotation = resume_plan(counts, skip_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+        self._set_skip(0)
+
+    def __len__(self) -> int:
+        counts = self._batches_per_worker()
+        if any(c is None for c in counts):
+            raise TypeError("length unknown: resampled mode, or remote shards without sample counts")
+        return max(0, sum(counts) - self.skip_batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        self._passes += 1
+        self._stats_dir = os.path.join(self._root, f"pass{self._passes}")
+        os.makedirs(self._stats_dir)
+        self.dataset.stats_dir = self._stats_dir
+        kwargs = {}
+        if self.cfg.workers > 0:
+            # the tokenizers library warns (and may deadlock) when a process forks after using threads
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=self.cfg.prefetch_factor)
+        loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.workers,
+                            pin_memory=self.cfg.pin_memory, **kwargs)
+        try:
+            for batch in loader:
+                if batch is not None:
+                    yield batch
+        finally:
+            if self.skip_batches:  # the resume offset belongs to the first pass only
+                self._set_skip(0)
+
+    @property
+    def stats(self) -> Counter:
+        """Counts for the latest pass, summed over workers: samples, batches, bad/<reason>."""
+        return read_stats(self._stats_dir) if self._stats_dir else Counter()
+
+    def report(self, print_fn=print) -> str:
+        return report(self.stats, print_fn=print_fn)
+
+
+def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
+                 text_tokenizer: Tokenizer | None = None, train: bool = True, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, skip_batches: int = 0,
+                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> Loader:
+    """Batches for one DDP rank. ``shards_or_split``: a manifest ``SplitInfo`` or a list of shard
+    URLs/paths. The batch sequence is a pure function of (shards, cfg, train, rank, world_size,
+    epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence."""
+    shards = resolve_shards(shards_or_split)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer, train=train,
+                          rank=rank, world_size=world_size, epoch=epoch, mean=mean, std=std)
+    if not cfg.resampled and len(shards) < world_size * max(1, cfg.workers):
+        log.warning("%d shards for %d ranks x %d workers: some workers get no data", len(shards),
+                    world_size, max(1, cfg.workers))
+    return Loader(dataset, cfg, skip_batches=skip_batches)
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+class MixedLoader:
+    """Interleave batches of several loaders (e.g. image and audio streams). At each step a source is
+    drawn with probability proportional to its weight from an RNG seeded by (seed, epoch); a source
+    that runs out leaves the draw. Each batch comes whole from one source, so modalities never mix
+    inside a batch."""
+
+    def __init__(self, loaders: dict[str, Loader], weights: dict[str, float], *, seed: int = 0, epoch: int = 0):
+        if set(weights) != set(loaders) or not all(w > 0 for w in weights.values()):
+            raise ValueError(f"weights {weights} must give a positive weight to each loader {sorted(loaders)}")
+        self.loaders, self.weights, self.seed, self.epoch = loaders, weights, seed, epoch
+        self.skip_batches = 0
+
+    def _choices(self, lengths: dict[str, float]) -> Iterator[str]:
+        """The source of each step, given how many batches each source has (inf = unbounded)."""
+        rng = random.Random(stable_seed("mix", self.seed, self.epoch))
+        left = dict(lengths)
+        names = sorted(self.loaders)
+        while True:
+            live = [n for n in names if left[n] > 0]
+            if not live:
+                return
+            name = rng.choices(live, weights=[self.weights[n] for n in live])[0]
+            left[name] -= 1
+            yield name
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.skip_batches = epoch, 0
+        for loader in self.loaders.values():
+            loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        lengths = {n: _length(loader) + loader.skip_batches for n, loader in self.loaders.items()}
+        iters = {n: iter(loader) for n, loader in self.loaders.items()}
+        skip, self.skip_batches = self.skip_batches, 0  # the resume offset belongs to the first pass only
+        for step, name in enumerate(self._choices(lengths)):
+            if step < skip:
+                continue  # these batches were skipped inside the sources already
+            batch = next(iters[name], None)
+            if batch is not None:  # None: fewer batches than counted (a damaged shard)
+                yield batch
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders.values())
+
+    @property
+    def stats(self) -> Counter:
+        total = Counter()
+        for loader in self.loaders.values():
+            total.update(loader.stats)
+        return total
+
+    def report(self, print_fn=print) -> str:
+        return report(self.stats, print_fn=print_fn)
+
+
+def _length(loader: Loader) -> float:
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
+
+
+def build_mixed_loader(sources: dict[str, Any], weights: dict[str, float], cfg: DataConfig, *,
+                       skip_batches: int = 0, epoch: int = 0, **loader_kwargs) -> MixedLoader:
+    """Mix e.g. ``{"image": split_or_urls, "audio": split_or_urls}`` with ``weights`` deterministically.
+    ``skip_batches`` counts mixed batches; each source skips the ones it contributed."""
+    loaders = {n: build_loader(s, cfg, epoch=epoch, **loader_kwargs) for n, s in sources.items()}
+    mixed = MixedLoader(loaders, weights, seed=cfg.seed, epoch=epoch)
+    if skip_batches:
+        lengths = {n: _length(loader) for n, loader in loaders.items()}
+        taken = Counter(name for _, name in zip(range(skip_batches), mixed._choices(lengths)))
+        for n, loader in loaders.items():
+            loader._set_skip(taken[n])
+        mixed.skip_batches = skip_batches
+    return mixed
