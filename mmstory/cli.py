@@ -2,6 +2,8 @@
 
     mmstory components [--json]          every registered component, by kind
     mmstory data verify|build ...        manifests and converters (mmstory/data/cli.py)
+    mmstory eval|caption|ask|retrieve    evaluation and inference (mmstory/eval_cli.py)
+    mmstory train CONFIG [--k=v] [--resume]  training (mmstory/train.py)
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import json
 import sys
 
 from mmstory.data.cli import add_data_commands
+from mmstory.eval_cli import add_eval_commands
+from mmstory.train import add_train_commands
 
 
 def components() -> dict[str, dict[str, dict]]:
@@ -55,11 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_components)
     add_data_commands(sub)
+    add_eval_commands(sub)
+    add_train_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # ``--a.b=c`` config overrides are not argparse options: collect them for commands that take them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(not e.startswith("--") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     return args.func(args)
 
 

@@ -498,8 +498,12 @@ class Loader:
             # the tokenizers library warns (and may deadlock) when a process forks after using threads
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=self.cfg.prefetch_factor)
+        # Our own generator: otherwise creating the iterator draws a worker seed from the global torch
+        # RNG, and a resumed run (which creates it at another step) would see different dropout.
+        # Worker randomness is seeded per sample anyway, so this seed feeds nothing else.
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.workers,
-                            pin_memory=self.cfg.pin_memory, **kwargs)
+                            pin_memory=self.cfg.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed),
+                            **kwargs)
         try:
             for batch in loader:
                 if batch is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 class CaptionLoss(nn.Module):
     """logits (B, S, V) at position t predict tokens[t + 1]; only positions where ``target_mask`` is
     True (caption/answer tokens and the final EOS) count — prompt, BOS and padding are ignored.
-    Returns ``{"caption_loss": mean over target tokens}``."""
+    Returns ``{"caption_loss": mean over target tokens}`` (of the global batch under torch.distributed)."""
 
     def __init__(self, *, label_smoothing: float = 0.0):
         super().__init__()
@@ -18,8 +19,18 @@ class CaptionLoss(nn.Module):
     def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         if "logits" not in outputs:
             return {}
-        logits = outputs["logits"][:, :-1]
+        logits = outputs["logits"]  # (B, S, V)
+        # Shift the targets left (the last position predicts nothing) instead of slicing logits[:, :-1]:
+        # the slice's backward would allocate and copy a second (B, S, V) gradient, the largest tensor.
         targets = batch["tokens"][:, 1:].masked_fill(~batch["target_mask"][:, 1:], -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=-100, label_smoothing=self.label_smoothing)
-        return {"caption_loss": loss}
+        targets = F.pad(targets, (0, 1), value=-100)  # (B, S)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                ignore_index=-100, label_smoothing=self.label_smoothing, reduction="sum")
+        count = (targets != -100).sum()
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Normalise by the global token count; DDP then averages gradients over ranks, so
+            # world_size * sum_local / global_count makes the result equal the single-process mean.
+            global_count = count.detach().clone()
+            dist.all_reduce(global_count)
+            return {"caption_loss": total * dist.get_world_size() / global_count.clamp(min=1)}
+        return {"caption_loss": total / count.clamp(min=1)}

@@ -9,15 +9,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for our rows (all_reduce, which gloo and
+    NCCL both support) and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0])).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather (B, E) features from every rank, keeping the autograd graph (its backward sums the
-    gradients back to their owners). Returns (world_B, E) and this rank's row offset."""
+    """All-gather (B_r, E) features from every rank, keeping the autograd graph. Ranks may hold different
+    batch sizes (a short last batch, a dropped bad sample): rows are padded to the largest and trimmed.
+    Returns (sum B_r, E) and this rank's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(x)
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[:dist.get_rank()])
 
 
 class ContrastiveLoss(nn.Module):
@@ -46,8 +67,11 @@ class ContrastiveLoss(nn.Module):
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b: (B, E) L2-normalised embeddings of matching rows."""
         s = self.scale()
-        all_a, offset = gather_with_grad(a)
-        all_b, _ = gather_with_grad(b)
+        if self.training:  # in eval mode stay local: evaluation may run on one rank only
+            all_a, offset = gather_with_grad(a)
+            all_b, _ = gather_with_grad(b)
+        else:
+            all_a, all_b, offset = a, b, 0
         labels = torch.arange(a.shape[0], device=a.device) + offset
         logits_a = s * a @ all_b.T  # (B, world_B)
         logits_b = s * b @ all_a.T

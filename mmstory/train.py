@@ -1,0 +1,435 @@
+"""``mmstory train CONFIG [--key=value ...] [--resume]``: a plain training loop, read top to bottom.
+
+config -> data (mixed image/audio webdataset streams) -> model -> weighted losses -> AdamW (warmup +
+cosine) -> checkpoints (atomic, last N + best, exact resume) -> final evaluation and report.
+
+Runs the same under ``torchrun --nproc_per_node=N``: DDP by default (``distributed: fsdp`` shards with
+FSDP2); the contrastive loss gathers features, so it sees the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from mmstory.config import ModelConfig, load_config, to_dict
+from mmstory.data.manifest import load_manifest
+from mmstory.data.pipeline import DataConfig, build_mixed_loader
+from mmstory.model import MultimodalModel, build_model
+
+
+@dataclass
+class DataSpec:
+    manifest: str = "data_manifests/emoji.json"
+    train: dict[str, str] = field(default_factory=lambda: {"image": "train", "audio": "audio_train"})
+    weights: dict[str, float] = field(default_factory=lambda: {"image": 3.0, "audio": 1.0})
+    val: list[str] = field(default_factory=lambda: ["val_style", "val_novel", "audio_val_novel"])
+    loader: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05   # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0       # 0 disables
+    accum_steps: int = 1
+
+
+@dataclass
+class ReportConfig:
+    max_samples: int = 256       # per validation split, for the final evaluation
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    tasks: list[str] = field(default_factory=lambda: ["caption", "qa", "retrieval", "zeroshot"])
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    out_dir: str = "runs/{name}"
+    seed: int = 0
+    steps: int = 1000
+    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    device: str = "auto"         # auto | cpu | cuda
+    threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
+    compile: bool = False
+    grad_checkpointing: bool = False
+    distributed: str = "ddp"     # ddp | fsdp, used under torchrun
+    log_every: int = 10
+    eval_every: int = 0          # 0: only at the end
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2
+    final_eval: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        choices = {"precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+                   "distributed": ("ddp", "fsdp")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"config key '{key}': {getattr(self, key)!r} is not one of {valid}")
+        if self.steps < 1 or self.optim.accum_steps < 1:
+            raise ValueError("config keys 'steps' and 'optim.accum_steps' must be >= 1")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+             "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2); none on biases, norms, scales (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, str], weights: dict[str, float],
+               train: bool, rank: int = 0, world: int = 1, epoch: int = 0, skip_batches: int = 0):
+    """A mixed loader over the named manifest splits; image size/normalisation and audio rate follow the
+    model's encoders, so data and model cannot disagree."""
+    manifest = load_manifest(cfg.data.manifest)
+    loader_cfg = cfg.data.loader
+    kwargs = {}
+    if "image" in model.encoders:
+        pre = model.encoders["image"].preprocess
+        loader_cfg = dataclasses.replace(loader_cfg, image_size=pre["image_size"])
+        kwargs = {"mean": pre["mean"], "std": pre["std"]}
+    if "audio" in model.encoders:
+        loader_cfg = dataclasses.replace(loader_cfg, sample_rate=model.encoders["audio"].preprocess["sample_rate"])
+    sources = {name: manifest.split(split) for name, split in splits.items()}
+    return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
+                              skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
+                              text_tokenizer=model.text_tokenizer, train=train, rank=rank, world_size=world, **kwargs)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, model: MultimodalModel, optimizer, scaler, state: dict) -> None:
+    """Atomic: write into ``<folder>.tmp`` then rename, so a kill never leaves a half-written checkpoint.
+    The folder is also a loadable model (``mmstory.load``); the trainer state is tensors and plain data
+    only, loaded back with ``weights_only=True``."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng": rng_state(), **state}, tmp / "trainer_state.pt")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+    return found[-1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    found = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+    for p in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """After a resume from ``step``, drop logged lines of later steps (they will be logged again)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, float]:
+    """Mean loss terms over the first ``eval_batches`` batches of each validation split."""
+    model.eval()
+    out = {}
+    for split in cfg.data.val:
+        loader = build_data(cfg, model, splits={"val": split}, weights={}, train=False)
+        sums: dict[str, float] = {}
+        n = 0
+        for i, batch in enumerate(loader):
+            if i >= cfg.eval_batches:
+                break
+            with autocast():
+                res = model(to_device(batch, device))
+            for k, v in res.items():
+                if k.endswith("loss") and torch.is_tensor(v):
+                    sums[k] = sums.get(k, 0.0) + v.item()
+            n += 1
+        out.update({f"val/{split}/{k}": v / max(n, 1) for k, v in sums.items()})
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    rank, world, device = setup_distributed(cfg)
+    is_main = rank == 0
+    if world > 1 and not cfg.data.loader.resampled:
+        # In epoch mode ranks can run out of a source at different steps and then disagree on which
+        # modality the next batch holds; resampled streams keep every rank in lockstep.
+        raise ValueError("config key 'data.loader.resampled' must be true when training on several processes")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir.format(name=cfg.name))
+    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    for enc in model.encoders.values():
+        if hasattr(enc, "transformer"):
+            enc.transformer.grad_checkpointing = cfg.grad_checkpointing
+    model.decoder.grad_checkpointing = cfg.grad_checkpointing
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and last is None and is_main:
+        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    if last is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(last / "model.safetensors"), device=str(device))
+        state = torch.load(last / "trainer_state.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+        set_rng_state(state["rng"])
+        if is_main:
+            truncate_log(log_path, step)
+            print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    # Wrap for several processes; ``core`` stays the plain module for saving and evaluation.
+    core = model
+    if world > 1 and cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in list(model.encoders.values()) + [model.decoder]:
+            fully_shard(module)
+        fully_shard(model)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if cfg.compile:
+        model = torch.compile(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg), last_epoch=step - 1)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+    def batches():
+        """Endless (epoch, index, batch) stream that resumes mid-epoch exactly."""
+        nonlocal epoch, batch_in_epoch
+        while True:
+            loader = build_data(cfg, core, splits=cfg.data.train, weights=cfg.data.weights, train=True, rank=rank,
+                                world=world, epoch=epoch, skip_batches=batch_in_epoch)
+            for batch in loader:
+                batch_in_epoch += 1
+                yield batch
+            if is_main and loader.stats:
+                loader.report(print_fn=lambda s: tqdm.write(f"epoch {epoch} data: {s}"))
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    stream = batches()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
+    last_ckpt = str(last) if last else "none"
+    t_log, samples_since = time.perf_counter(), 0
+    model.train()
+    while step < cfg.steps:
+        terms: dict[str, float] = {}
+        for micro in range(cfg.optim.accum_steps):
+            batch = to_device(next(stream), device)
+            sync = micro == cfg.optim.accum_steps - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with autocast(), (nullcontext() if sync else model.no_sync()):
+                out = model(batch)
+                loss = out["loss"] / cfg.optim.accum_steps
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; "
+                                    f"last good checkpoint: {last_ckpt}")
+            (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in out.items():
+                if k.endswith("loss") and torch.is_tensor(v):
+                    terms[k] = terms.get(k, 0.0) + v.item() / cfg.optim.accum_steps
+            samples_since += len(batch["__key__"]) * world
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps or step == 1):
+            now = time.perf_counter()
+            record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                      "samples_per_s": samples_since / max(now - t_log, 1e-9),
+                      "logit_scale": core.losses["contrastive"].scale().item() if "contrastive" in core.losses else None}
+            t_log, samples_since = now, 0
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
+        bar.update(1)
+        if os.environ.get("MMSTORY_KILL_AT_STEP") == str(step):  # test hook: simulate kill -9 here
+            os.kill(os.getpid(), 9)
+
+        evaluate_now = cfg.eval_every and step % cfg.eval_every == 0
+        if is_main and (evaluate_now or step % cfg.ckpt_every == 0 or step == cfg.steps):
+            val = validation_losses(core, cfg, device, autocast) if (evaluate_now or step == cfg.steps) else {}
+            val_loss = math.inf
+            if val:
+                val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss}) + "\n")
+                for k, v in val.items():
+                    writer.add_scalar(k, v, step)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items() if k.endswith("/loss")))
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
+            if val_loss < best:
+                best = state["best"] = val_loss
+                save_checkpoint(ckpt_dir / "best", core, optimizer, scaler, state)
+            save_checkpoint(ckpt_dir / f"step_{step:06d}", core, optimizer, scaler, state)
+            prune_checkpoints(ckpt_dir, cfg.keep_last)
+            last_ckpt = str(ckpt_dir / f"step_{step:06d}")
+    bar.close()
+
+    if is_main:
+        writer.close()
+        core.save(out_dir / "model")
+        from mmstory.plots import plot_metrics
+
+        plot_metrics(log_path, out_dir / "plots")
+        if cfg.final_eval:
+            final_report(core, cfg, out_dir)
+    if world > 1:
+        dist.barrier()
+    return out_dir
+
+
+def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Evaluate every validation split, write metrics JSON + report, print a few captions/answers."""
+    from mmstory.evaluate import evaluate, write_report
+    from mmstory.generation import DecodeOptions
+
+    manifest = load_manifest(cfg.data.manifest)
+    decode = DecodeOptions(num_beams=cfg.report.num_beams, max_new_tokens=cfg.report.max_new_tokens)
+    results = {}
+    for split in cfg.data.val:
+        results[split] = evaluate(model.eval(), manifest.split(split), tasks=tuple(cfg.report.tasks),
+                                  max_samples=cfg.report.max_samples, decode=decode, data=cfg.data.loader,
+                                  fuse_question=cfg.data.loader.fuse_question, name=split)
+        write_report(results[split], out_dir / "report" / split)
+    summary = {split: r["metrics"] for split, r in results.items()}
+    (out_dir / "report" / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cmd_train(args) -> int:
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if not cfg.name or cfg.name == "run":
+        cfg.name = Path(args.config).stem
+    try:
+        train(cfg, resume=args.resume)
+    except NonFiniteLoss as e:
+        print(f"error: {e}")
+        return 1
+    return 0
+
+
+def add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train from a YAML config (experiments/*.yaml)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="--key.path=value overrides")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,176 @@
+"""Training: exact resume after kill -9, DDP equivalence, config errors, NaN stop, plots/logs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_batch, tiny_config
+from mmstory.config import ConfigError, load_config, to_dict
+from mmstory.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_train_config(out_dir: Path, **over) -> dict:
+    """A seconds-long run on the bundled emoji shards with a tiny model."""
+    cfg = TrainConfig(name="t", out_dir=str(out_dir), steps=6, log_every=1, ckpt_every=2, eval_every=0,
+                      eval_batches=1, final_eval=False, threads=1)
+    cfg.model = tiny_config()
+    cfg.model.encoders["text"].args["max_len"] = 32
+    cfg.data.manifest = str(ROOT / "data_manifests/emoji.json")
+    cfg.data.val = ["val_novel"]
+    cfg.data.loader.batch_size = 8
+    cfg.data.loader.workers = 2
+    cfg.data.loader.shuffle_buffer = 64
+    cfg.data.loader.audio_seconds = 1.0
+    cfg.optim.warmup_steps = 2
+    d = to_dict(cfg)
+    for k, v in over.items():
+        node = d
+        *parts, last = k.split(".")
+        for p in parts:
+            node = node[p]
+        node[last] = v
+    return d
+
+
+def run_cli(cfg: dict, tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    path = tmp_path / f"cfg_{abs(hash(json.dumps(cfg, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "mmstory.cli", "train", str(path), *extra], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def step_losses(out_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in rows if "lr" in r}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    res = run_cli(tiny_train_config(tmp / "run"), tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_run_writes_logs_checkpoints_and_plots(reference_run):
+    losses = step_losses(reference_run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all("loss" in v and "caption_loss" in v for v in losses.values())
+    ckpts = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert ckpts == ["best", "step_000004", "step_000006"]  # keep_last=2, plus the best
+    assert (reference_run / "config.yaml").is_file() and (reference_run / "plots/losses.png").is_file()
+    assert list((reference_run / "tensorboard").iterdir())
+    import mmstory
+
+    model = mmstory.load(reference_run / "model")  # the final model folder loads on its own
+    assert model.decoder.tok.num_embeddings == model.tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("kill_at", [3, 4])
+def test_resume_after_kill_gives_identical_losses(reference_run, tmp_path, kill_at):
+    """kill -9 at a step (3: just after a checkpoint; 4: just before one is written), then --resume:
+    every per-step loss equals the uninterrupted run's."""
+    cfg = tiny_train_config(tmp_path / "run")
+    killed = run_cli(cfg, tmp_path, env={"MMSTORY_KILL_AT_STEP": str(kill_at)})
+    assert killed.returncode == -9
+    assert max(step_losses(tmp_path / "run")) == kill_at
+    resumed = run_cli(cfg, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
+    assert step_losses(tmp_path / "run") == step_losses(reference_run)
+
+
+def test_overrides_and_config_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\noptim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="config key 'optim.lr': expected float, got str 'fast'"):
+        load_config(TrainConfig, path)
+    path.write_text("steps: 5\noptim: {lr: 1e-3, warmup: 3}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.warmup'; valid keys here: lr, weight_decay"):
+        load_config(TrainConfig, path)
+    path.write_text("steps: 5\noptim: {lr: 1e-3}\n")
+    cfg = load_config(TrainConfig, path, ["--optim.warmup_steps=7", "--data.loader.batch_size=4"])
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.data.loader.batch_size) == (5, 1e-3, 7, 4)
+    with pytest.raises(ValueError, match="'precision': 'fp8' is not one of"):
+        load_config(TrainConfig, path, ["--precision=fp8"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.loader.batchsize'"):
+        load_config(TrainConfig, path, ["--data.loader.batchsize=4"])
+
+
+def test_cli_reports_bad_override(tmp_path):
+    res = run_cli(tiny_train_config(tmp_path / "run"), tmp_path, "--optim.lrr=1")
+    assert res.returncode != 0 and "unknown config key 'optim.lrr'" in res.stderr
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+    res = run_cli(tiny_train_config(tmp_path / "run", **{"optim.lr": 1e30, "optim.warmup_steps": 1,
+                                                        "optim.grad_clip": 0.0, "steps": 40}), tmp_path)
+    assert res.returncode == 1
+    assert "non-finite loss" in res.stdout and "at step" in res.stdout and "last good checkpoint" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, world: int, port: int, out: str):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    from mmstory.model import build_model
+
+    model = build_model(tiny_config())
+    batch = make_batch(model, B=4, seed=1)
+    half = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1.0)  # delta = gradient (Adam would amplify float noise)
+    ddp(half)["loss"].backward()
+    opt.step()
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    """One step on 2 gloo processes with 2 samples each == one process with all 4 (the contrastive loss
+    sees the global batch; the caption loss is normalised by the global token count)."""
+    import socket
+
+    from mmstory.model import build_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2)
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    build_model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = make_batch(model, B=4, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(batch)["loss"].backward()
+    opt.step()
+    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    moved = 0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, atol=1e-5, rtol=1e-4, msg=k)
+        moved += int(not torch.equal(v, build_model_state[k]))
+    assert moved > 10  # the step really changed the parameters
+
+
+def test_torchrun_runs_the_same_command(tmp_path):
+    cfg = tiny_train_config(tmp_path / "run", steps=2, **{"data.loader.resampled": True})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "mmstory.cli", "train", str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2]
