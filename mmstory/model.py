@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from mmstory import inference
 from mmstory.config import Component, ModelConfig, from_dict, to_dict, yaml_load
 from mmstory.decoder import TextDecoder
 from mmstory.encoders import ENCODERS, EncoderOutput
@@ -137,9 +138,36 @@ class MultimodalModel(nn.Module):
                        eos_id=tok.eos_id, pad_id=tok.pad_id, opts=DecodeOptions(**options))
         return [tok.decode(row) for row in out]
 
-    def caption(self, images: torch.Tensor, prompt: str = "caption:", **options) -> list[str]:
-        """images (B, 3, H, W), already resized and normalised for the image encoder -> captions."""
-        return self.generate({"image": images}, prompt, **options)
+    # Raw-input API (PIL images, paths, arrays, waveforms); the logic lives in mmstory/inference.py.
+    def caption(self, images, prompt: str = "caption:", **options) -> list[str]:
+        """Images (PIL / paths / uint8 arrays, or a float (B, 3, H, W) tensor already normalised for the
+        image encoder) -> one caption each. ``options``: DecodeOptions fields, ``batch_size``, ``device``,
+        ``audio=`` (caption audio clips instead, with images=None)."""
+        return inference.caption(self, images, prompt=prompt, **options)
+
+    def answer(self, *, question, image=None, audio=None, **options):
+        """Answer a question (str -> str, list -> list) about an image, an audio clip, or both."""
+        return inference.answer(self, question=question, image=image, audio=audio, **options)
+
+    def embed_images(self, images, **options) -> torch.Tensor:
+        """Raw images -> normalised embeddings (N, E) on the CPU."""
+        return inference.embed_images(self, images, **options)
+
+    def embed_audio(self, audio, **options) -> torch.Tensor:
+        """Audio files / waveforms -> normalised embeddings (N, E) on the CPU."""
+        return inference.embed_audio(self, audio, **options)
+
+    def embed_texts(self, texts, **options) -> torch.Tensor:
+        """Texts -> normalised embeddings (N, E) on the CPU, batched."""
+        return inference.embed_texts(self, texts, **options)
+
+    def retrieve(self, query, gallery, k: int = 5, **options):
+        """Top-``k`` gallery items for a query (text <-> image / audio), as ``inference.Match`` lists."""
+        return inference.retrieve(self, query, gallery, k, **options)
+
+    def zero_shot_classify(self, inputs, class_names, templates=inference.DEFAULT_TEMPLATES, **options):
+        """CLIP-style zero-shot classification of images or audio over ``class_names``."""
+        return inference.zero_shot_classify(self, inputs, class_names, templates, **options)
 
     # ---------------------------------------------------------------- save / load
     def save(self, folder: str | os.PathLike) -> None:
