@@ -78,6 +78,7 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     final_eval: bool = True
+    init_from: str | None = None  # a model folder (e.g. another run's checkpoint) to start from
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -155,7 +156,7 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     """A mixed loader over the named manifest splits; image size/normalisation and audio rate follow the
     model's encoders, so data and model cannot disagree."""
     manifest = load_manifest(cfg.data.manifest)
-    loader_cfg = cfg.data.loader
+    loader_cfg = cfg.data.loader if train else dataclasses.replace(cfg.data.loader, resampled=False)
     kwargs = {}
     if "image" in model.encoders:
         pre = model.encoders["image"].preprocess
@@ -167,6 +168,21 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
                               skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
                               text_tokenizer=model.text_tokenizer, train=train, rank=rank, world_size=world, **kwargs)
+
+
+def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch.device) -> MultimodalModel:
+    """The model as one plain module for saving and evaluation. Under FSDP every rank must call this (it
+    gathers the full state dict); rank 0 gets an unsharded copy, the other ranks get ``core`` back."""
+    if not fsdp:
+        return core
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return core
+    plain = build_model(cfg.model)
+    plain.load_state_dict(state)
+    return plain.to(device)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -261,6 +277,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
     last = latest_checkpoint(ckpt_dir) if resume else None
+    if cfg.init_from and last is None:
+        from safetensors.torch import load_file
+
+        weights = Path(cfg.init_from) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"init_from: no model.safetensors in {cfg.init_from}")
+        missing, unexpected = model.load_state_dict(load_file(str(weights), device=str(device)), strict=False)
+        if is_main:
+            print(f"initialised from {cfg.init_from} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+                  + (f"; missing: {missing[:8]}" if missing else ""))
     if resume and last is None and is_main:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
     if last is not None:
@@ -277,9 +303,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             truncate_log(log_path, step)
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
-    # Wrap for several processes; ``core`` stays the plain module for saving and evaluation.
+    # Wrap for several processes; ``core`` is the module without the DDP/compile wrappers.
     core = model
-    if world > 1 and cfg.distributed == "fsdp":
+    fsdp = world > 1 and cfg.distributed == "fsdp"
+    if fsdp and last is not None:
+        raise ValueError("--resume with distributed: fsdp is not supported yet (the optimizer state is saved "
+                         "unsharded only for DDP); resume with distributed: ddp")
+    if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for module in list(model.encoders.values()) + [model.decoder]:
@@ -363,8 +393,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             os.kill(os.getpid(), 9)
 
         evaluate_now = cfg.eval_every and step % cfg.eval_every == 0
-        if is_main and (evaluate_now or step % cfg.ckpt_every == 0 or step == cfg.steps):
-            val = validation_losses(core, cfg, device, autocast) if (evaluate_now or step == cfg.steps) else {}
+        if not (evaluate_now or step % cfg.ckpt_every == 0 or step == cfg.steps):
+            continue
+        host = unsharded(core, cfg, fsdp, device)  # every rank takes part in the FSDP gather
+        if is_main:
+            val = validation_losses(host, cfg, device, autocast) if (evaluate_now or step == cfg.steps) else {}
             val_loss = math.inf
             if val:
                 val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
@@ -376,20 +409,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
             if val_loss < best:
                 best = state["best"] = val_loss
-                save_checkpoint(ckpt_dir / "best", core, optimizer, scaler, state)
-            save_checkpoint(ckpt_dir / f"step_{step:06d}", core, optimizer, scaler, state)
+                save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state)
+            save_checkpoint(ckpt_dir / f"step_{step:06d}", host, optimizer, scaler, state)
             prune_checkpoints(ckpt_dir, cfg.keep_last)
             last_ckpt = str(ckpt_dir / f"step_{step:06d}")
     bar.close()
 
+    host = unsharded(core, cfg, fsdp, device)
     if is_main:
         writer.close()
-        core.save(out_dir / "model")
+        host.save(out_dir / "model")
         from mmstory.plots import plot_metrics
 
         plot_metrics(log_path, out_dir / "plots")
         if cfg.final_eval:
-            final_report(core, cfg, out_dir)
+            final_report(host, cfg, out_dir)
     if world > 1:
         dist.barrier()
     return out_dir

@@ -106,6 +106,16 @@ def test_overrides_and_config_errors(tmp_path):
         load_config(TrainConfig, path, ["--data.loader.batchsize=4"])
 
 
+def test_init_from_another_run(reference_run, tmp_path):
+    from safetensors.torch import load_file
+
+    res = run_cli(tiny_train_config(tmp_path / "run", steps=1, init_from=str(reference_run / "model"),
+                                    **{"optim.lr": 1e-12}), tmp_path)
+    assert res.returncode == 0 and "initialised from" in res.stdout, res.stderr[-2000:]
+    a, b = load_file(str(reference_run / "model/model.safetensors")), load_file(str(tmp_path / "run/model/model.safetensors"))
+    torch.testing.assert_close(a["decoder.pos.weight"], b["decoder.pos.weight"], atol=1e-6, rtol=0)
+
+
 def test_cli_reports_bad_override(tmp_path):
     res = run_cli(tiny_train_config(tmp_path / "run"), tmp_path, "--optim.lrr=1")
     assert res.returncode != 0 and "unknown config key 'optim.lrr'" in res.stderr
@@ -165,8 +175,10 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert moved > 10  # the step really changed the parameters
 
 
-def test_torchrun_runs_the_same_command(tmp_path):
-    cfg = tiny_train_config(tmp_path / "run", steps=2, **{"data.loader.resampled": True})
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_torchrun_runs_the_same_command(tmp_path, distributed):
+    cfg = tiny_train_config(tmp_path / "run", steps=2, distributed=distributed,
+                            **{"data.loader.resampled": True, "data.loader.workers": 1})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -174,3 +186,6 @@ def test_torchrun_runs_the_same_command(tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(step_losses(tmp_path / "run")) == [1, 2]
+    import mmstory
+
+    mmstory.load(tmp_path / "run" / "model")  # rank 0 saved a complete, unsharded model

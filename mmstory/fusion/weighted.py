@@ -19,7 +19,7 @@ class WeightedFusion(nn.Module):
         self.score = nn.Linear(dim, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
-        self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in modalities})
+        self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in modalities})  # 1-d for FSDP2
 
     def forward(self, inputs: Features) -> dict:
         names = self.modality.ordered(inputs)

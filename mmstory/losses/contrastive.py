@@ -56,7 +56,8 @@ class ContrastiveLoss(nn.Module):
         bad = [p for p in self.pairs if len(p) != 2]
         if bad:
             raise ValueError(f"contrastive pairs must name two modalities each; got {bad}")
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)),
+        # shape (1,), not a scalar: FSDP2 cannot shard 0-d parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
                                         requires_grad=learn_temperature)
         self.max_log = math.log(max_logit_scale)
         self.label_smoothing = label_smoothing
