@@ -66,6 +66,7 @@ class TrainConfig:
     out_dir: str = "runs/{name}"
     seed: int = 0
     steps: int = 1000
+    max_minutes: float = 0.0     # > 0: also stop (and evaluate) once training has run this long
     precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
     device: str = "auto"         # auto | cpu | cuda
     threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
@@ -347,7 +348,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     last_ckpt = str(last) if last else "none"
     t_log, samples_since = time.perf_counter(), 0
     model.train()
-    while step < cfg.steps:
+    t_start = time.perf_counter()
+    stop_at = cfg.steps
+    while step < stop_at:
         terms: dict[str, float] = {}
         for micro in range(cfg.optim.accum_steps):
             batch = to_device(next(stream), device)
@@ -375,8 +378,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        if cfg.max_minutes and stop_at == cfg.steps and step < cfg.steps:
+            over = torch.tensor([float(time.perf_counter() - t_start > 60 * cfg.max_minutes)], device=device)
+            if world > 1:  # every rank must agree on the step it stops at
+                dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            if over.item():
+                stop_at = step  # evaluate and save as at the last step
+                if is_main:
+                    tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
 
-        if is_main and (step % cfg.log_every == 0 or step == cfg.steps or step == 1):
+        if is_main and (step % cfg.log_every == 0 or step == stop_at or step == 1):
             now = time.perf_counter()
             record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
                       "samples_per_s": samples_since / max(now - t_log, 1e-9),
@@ -393,11 +404,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             os.kill(os.getpid(), 9)
 
         evaluate_now = cfg.eval_every and step % cfg.eval_every == 0
-        if not (evaluate_now or step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if not (evaluate_now or step % cfg.ckpt_every == 0 or step == stop_at):
             continue
         host = unsharded(core, cfg, fsdp, device)  # every rank takes part in the FSDP gather
         if is_main:
-            val = validation_losses(host, cfg, device, autocast) if (evaluate_now or step == cfg.steps) else {}
+            val = validation_losses(host, cfg, device, autocast) if (evaluate_now or step == stop_at) else {}
             val_loss = math.inf
             if val:
                 val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))

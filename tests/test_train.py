@@ -116,6 +116,15 @@ def test_init_from_another_run(reference_run, tmp_path):
     torch.testing.assert_close(a["decoder.pos.weight"], b["decoder.pos.weight"], atol=1e-6, rtol=0)
 
 
+def test_time_budget_stops_and_finishes_the_run(tmp_path):
+    res = run_cli(tiny_train_config(tmp_path / "run", steps=10_000, max_minutes=0.001), tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "time budget of 0.001 min reached at step" in res.stdout + res.stderr
+    last = max(step_losses(tmp_path / "run"))
+    assert last < 10_000 and (tmp_path / "run" / "checkpoints" / f"step_{last:06d}").is_dir()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
 def test_cli_reports_bad_override(tmp_path):
     res = run_cli(tiny_train_config(tmp_path / "run"), tmp_path, "--optim.lrr=1")
     assert res.returncode != 0 and "unknown config key 'optim.lrr'" in res.stderr
