@@ -6,10 +6,9 @@ from pathlib import Path
 
 
 def plot_metrics(log_path: str | Path, out_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An explicit Figure with the Agg canvas: no pyplot state, so a notebook's inline backend is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
     out_dir = Path(out_dir)
@@ -27,7 +26,9 @@ def plot_metrics(log_path: str | Path, out_dir: str | Path) -> list[Path]:
         keys = [k for k in keys if any(r.get(k) is not None for r in source)]
         if not keys:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         for k in keys:
             pts = [(r["step"], r[k]) for r in source if r.get(k) is not None]
             ax.plot(*zip(*pts), label=k, marker="o" if name == "val_losses" else None, markersize=3)
@@ -40,6 +41,5 @@ def plot_metrics(log_path: str | Path, out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written

@@ -259,6 +259,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         raise ValueError("config key 'data.loader.resampled' must be true when training on several processes")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        # fp32 AdamW state drifts into denormal floats, which x86 CPUs process ~100x slower; flushing
+        # them to zero changes nothing that matters numerically (|x| < 1.2e-38).
+        torch.set_flush_denormal(True)
     out_dir = Path(cfg.out_dir.format(name=cfg.name))
     ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     if is_main:
