@@ -58,12 +58,13 @@ class _Stepper:
         return logits[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows in ``index`` (beam search's surviving beams). Beam search only moves beams within
+        their own input's group of rows, which all share one memory, so the memory and the
+        cross-attention caches (projected memory) stay as they are: selecting them would only copy
+        identical rows (a sixth of beam-4 decoding time on CPU)."""
         self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
-        self.memory = self.memory[index]
-        self.memory_mask = self.memory_mask[index] if self.memory_mask is not None else None
-        for self_cache, cross_cache in self.cache or []:
+        for self_cache, _ in self.cache or []:
             self_cache.reorder(index)
-            cross_cache.reorder(index)
 
 
 def process_logits(logits: torch.Tensor, generated: torch.Tensor, step: int, eos_id: int,

@@ -95,3 +95,19 @@ def test_model_generate_api(setup):
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     with pytest.raises(ValueError, match="got 3 prompts for a batch of 2"):
         model.generate({"image": torch.randn(2, 3, 32, 32)}, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_rows_decode_as_if_alone(setup, use_cache):
+    """Beam search leaves the memory and cross-attention caches unreordered (beams never leave their
+    input's rows); each row of a batch must still decode exactly as that input alone."""
+    model, fused, ids, mask = setup
+    tok = model.tokenizer
+    opts = DecodeOptions(max_new_tokens=12, num_beams=3, use_cache=use_cache)
+    batch = generate(model.decoder, fused["tokens"], fused["mask"], ids, mask, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     opts=opts)
+    for i in range(ids.shape[0]):
+        keep = mask[i]
+        alone = generate(model.decoder, fused["tokens"][i:i + 1], fused["mask"][i:i + 1], ids[i:i + 1, keep],
+                         mask[i:i + 1, keep], eos_id=tok.eos_id, pad_id=tok.pad_id, opts=opts)
+        assert alone[0] == batch[i]

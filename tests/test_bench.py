@@ -1,0 +1,72 @@
+"""The benchmark's code paths on tiny shapes (no timings are asserted), and the shape mapping between
+mmstory and open_clip CoCa that makes its comparison fair."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+import bench  # noqa: E402
+
+from mmstory.losses.captioning import CaptionLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["smoke", "tiny", "small", "main"])
+def test_coca_and_mmstory_shapes_match(name):
+    s = bench.SHAPES[name]
+    coca = bench.coca_shape(bench.build_coca(s))
+    ours = bench.mmstory_shape(bench.build_mmstory(s))
+    assert coca == ours
+    expected = {"image_size": s.image_size, "patch_size": s.patch_size, "vision_width": s.vision_width,
+                "vision_depth": s.vision_depth, "vision_heads": s.vision_heads, "text_width": s.text_width,
+                "text_depth": s.text_depth, "text_heads": s.text_heads, "decoder_width": s.text_width,
+                "decoder_depth": s.decoder_depth, "decoder_heads": s.text_heads, "context_length": s.context_length,
+                "vocab_size": s.vocab_size, "decoder_vocab": s.vocab_size, "memory_len": s.memory_len}
+    assert ours == expected
+
+
+def test_synthetic_batch_is_ragged_and_seeded():
+    s = bench.SHAPES["smoke"]
+    a, b = bench.synthetic_batch(s, seed=1), bench.synthetic_batch(s, seed=1)
+    assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["image"], b["image"])
+    assert (a["ids"][:, 0] == bench.BOS).all()
+    assert ((a["ids"] == bench.EOS).sum(1) == 1).all()
+    assert torch.equal(a["mask"], a["ids"] != bench.PAD)
+
+
+def test_smoke_run_has_every_measurement(tmp_path):
+    res = bench.run(smoke=True, isolate=False, log=lambda *_: None)
+    assert {"date", "machine", "settings", "shapes", "train", "shape_check", "generate", "data"} <= set(res)
+    assert {"cpu", "cores", "torch", "open_clip", "mmstory"} <= set(res["machine"])
+    row = res["train"]["smoke"]
+    for lib in ("open_clip", "mmstory"):
+        assert {"params", "samples_per_s", "samples_per_s_best", "peak_mem_mb", "last_loss"} <= set(row[lib])
+        assert row[lib]["samples_per_s"] > 0 and torch.isfinite(torch.tensor(row[lib]["last_loss"])), (lib, row[lib])
+    assert {"ratio_samples_per_s", "ratio_peak_mem"} <= set(row)
+    gen = res["generate"]["2"]
+    for key in ("mmstory_greedy_cache", "mmstory_greedy_nocache", "mmstory_beam4_cache", "mmstory_beam4_nocache",
+                "open_clip_greedy_loop"):
+        assert gen[key]["images_per_s"] > 0
+    assert gen["greedy_cache_equals_nocache"] and gen["beam4_cache_equals_nocache"]
+    assert {"beam_search", "top_k"} <= set(res["generate"]["open_clip_generate"])
+    assert res["data"]["loader"]["samples"] > 0 and res["data"]["ratio_loader_over_train"] > 0
+    assert "mmstory / open_clip" in bench.table(res)
+
+
+def test_caption_loss_equals_sliced_formula_with_gradients():
+    """CaptionLoss shifts the targets instead of slicing the logits (it saves a (B, S, V) copy in the
+    backward); value and gradient must equal the plain sliced cross-entropy."""
+    torch.manual_seed(0)
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 5, 8, 2, 0, 0]])
+    target = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(2, 6, 11, requires_grad=True)
+    got = CaptionLoss()({"logits": logits}, {"tokens": tokens, "target_mask": target})["caption_loss"]
+    (g_got,) = torch.autograd.grad(got, logits)
+    plain = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].masked_fill(~target[:, 1:], -100).reshape(-1))
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    torch.testing.assert_close(got, plain)
+    torch.testing.assert_close(g_got, g_plain)
