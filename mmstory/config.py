@@ -148,30 +148,31 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["--model.dim=128", "train.lr=1e-3"]`` -> nested dict; values parsed as YAML scalars."""
-    out: dict = {}
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``--a.b=c`` overrides into a nested dict (a copy); values are parsed as YAML. The value replaces
+    whatever was at that key: ``--model.encoders.image={name: vit, args: {width: 64}}`` swaps a whole
+    component, ``--model.encoders.image.args.width=64`` changes one argument and keeps the others."""
+    import copy
+
+    out = copy.deepcopy(data)
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
             raise ConfigError(f"override '{item}' is not of the form --key.path=value")
         key, raw = text.split("=", 1)
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        *parents, leaf = key.split(".")
+        for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
-        node[parts[-1]] = yaml_load(raw) if raw != "" else ""
+                raise ConfigError(f"override '{item}': '{p}' is not a mapping")
+        node[leaf] = yaml_load(raw) if raw != "" else ""
     return out
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge: ``update`` wins; nested mappings merge key by key."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["--model.dim=128", "train.lr=1e-3"]`` -> nested dict; values parsed as YAML scalars."""
+    return apply_overrides({}, overrides)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -188,9 +189,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Defaults <- YAML file <- command-line overrides.
 
     The YAML is validated against the defaults first (a mapping such as ``encoders`` given in YAML
-    replaces the default mapping whole); overrides are then merged key by key into that resolved config,
-    so ``--model.encoders.image.args.width=128`` changes one value and keeps the rest."""
+    replaces the default mapping whole); overrides then set values in that resolved config (see
+    ``apply_overrides``), so ``--model.encoders.image.args.width=128`` changes one value."""
     cfg = from_dict(cls, load_yaml(path)) if path else cls()
     if overrides:
-        cfg = from_dict(cls, merge(to_dict(cfg), parse_overrides(list(overrides))))
+        cfg = from_dict(cls, apply_overrides(to_dict(cfg), list(overrides)))
     return cfg

@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
     def batches():
-        """Endless (epoch, index, batch) stream that resumes mid-epoch exactly."""
+        """Endless batch stream; (epoch, batch_in_epoch) say where it is, so a resume continues exactly."""
         nonlocal epoch, batch_in_epoch
         while True:
             loader = build_data(cfg, core, splits=cfg.data.train, weights=cfg.data.weights, train=True, rank=rank,

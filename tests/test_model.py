@@ -152,6 +152,16 @@ def test_config_errors_name_the_key(tmp_path):
         parse_overrides(["--oops"])
 
 
+def test_mapping_override_replaces_the_whole_component(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("encoders: {image: {name: timm_cnn, args: {model_name: resnet18, image_size: 64}}}\n")
+    cfg = load_config(ModelConfig, path, ['--encoders.image={"name": "vit", "args": {"image_size": 32, "width": 32}}',
+                                          "--encoders.image.args.depth=1"])
+    assert cfg.encoders["image"] == Component("vit", {"image_size": 32, "width": 32, "depth": 1})
+    cfg = load_config(ModelConfig, path, ["--encoders.image.args.model_name=resnet10t"])
+    assert cfg.encoders["image"].args == {"model_name": "resnet10t", "image_size": 64}
+
+
 def test_encoders_must_match_their_modality():
     cfg = tiny_config()
     cfg.encoders["text"] = Component("vit", {"image_size": 32, "width": 32, "depth": 1, "heads": 2})

@@ -7,8 +7,9 @@
 What is equal: the data (the main job's loader over the bundled ``train`` shards, image batches, same
 batch size, augmentation, prompts and BPE vocabulary), the sizes (CoCa's ViT, text tower and multimodal
 decoder get the main job's image size, patch, widths, depths and heads; its context length is the
-decoder's), the optimiser (AdamW, the main job's lr / warmup / cosine / weight decay / clipping / loss
-weights), the wall-clock training budget, the threads, and the evaluation: both models go through
+decoder's), the optimiser (AdamW, the main job's lr / warmup / weight decay / clipping / loss weights;
+CoCa's cosine runs over its wall-clock budget since its step count is not known in advance), the
+wall-clock training budget, the threads, and the evaluation: both models go through
 ``mmstory.evaluate.evaluate`` on val_style and val_novel with greedy decoding, so every number comes from
 the same code. CoCa gets only image batches (it has no audio tower); mmstory spends a quarter of its
 batches on audio, as its config says.
@@ -32,12 +33,19 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# CoCa's image tower is a ViT. When the main job's image encoder is a ViT its shape is copied; when it is
+# a CNN (resnet18 at 64 px), CoCa gets the ViT whose training step costs the same in mmstory
+# (width 192 x 4 layers, patch 8 at 64 px: 0.65 s vs 0.63 s per step measured on 2 cores).
+EQUAL_COST_VIT = {"image_size": 64, "patch_size": 8, "width": 192, "depth": 4, "heads": 3}
+
+
 def coca_for(cfg) -> nn.Module:
     """open_clip CoCa with the main job's shapes (via bench.py's mapping) and its BPE vocabulary."""
     import bench
 
     enc = cfg.model.encoders
-    img, txt = enc["image"].args, enc["text"].args
+    img = enc["image"].args if enc["image"].name == "vit" else EQUAL_COST_VIT
+    txt = enc["text"].args
     shape = bench.Shape(image_size=img["image_size"], patch_size=img["patch_size"], vision_width=img["width"],
                         vision_depth=img["depth"], vision_heads=img["heads"], text_width=cfg.model.decoder.dim,
                         text_depth=txt["depth"], text_heads=txt["heads"], decoder_depth=cfg.model.decoder.depth,
@@ -108,7 +116,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import build_data, lr_factor, param_groups, seed_everything
+    from mmstory.train import build_data, param_groups, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -118,17 +126,26 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     tok = reference.tokenizer
     opt = torch.optim.AdamW(param_groups(coca, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    o = cfg.optim
+
+    def lr_now(step: int, elapsed: float) -> float:
+        """The main job's schedule shape over CoCa's wall-clock budget: the same warmup steps, then a
+        cosine over the elapsed fraction of the budget (CoCa's step count is not known in advance)."""
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / (60 * minutes)))))
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
     log = (out_dir / "coca_metrics.jsonl").open("w")
     step, epoch, t0, samples = 0, 0, time.perf_counter(), 0
     coca.train()
-    while time.perf_counter() - t0 < 60 * minutes and step < cfg.steps:
+    while time.perf_counter() - t0 < 60 * minutes:
         loader = build_data(cfg, reference, splits={"image": cfg.data.train["image"]}, weights={}, train=True,
                             epoch=epoch)
         for batch in loader:
+            for group in opt.param_groups:
+                group["lr"] = lr_now(step, time.perf_counter() - t0)
             out = coca(batch["image"], batch["tokens"])
             losses = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
                              out["logit_scale"])
@@ -138,14 +155,13 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
             if cfg.optim.grad_clip > 0:
                 nn.utils.clip_grad_norm_(coca.parameters(), cfg.optim.grad_clip)
             opt.step()
-            sched.step()
             with torch.no_grad():
                 coca.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop does
             step += 1
             samples += batch["image"].shape[0]
-            log.write(json.dumps({"step": step, "loss": loss.item(), "contrastive_loss": losses[0].item(),
+            log.write(json.dumps({"step": step, "lr": opt.param_groups[0]["lr"], "loss": loss.item(), "contrastive_loss": losses[0].item(),
                                   "caption_loss": losses[1].item(), "time": time.perf_counter() - t0}) + "\n")
-            if time.perf_counter() - t0 >= 60 * minutes or step >= cfg.steps:
+            if time.perf_counter() - t0 >= 60 * minutes:
                 break
         epoch += 1
     log.close()
@@ -153,6 +169,13 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     pre = reference.encoders["image"].preprocess
     adapter = CoCaAdapter(coca.eval(), tok, pre, cfg.model.decoder.max_len)
     return adapter, {"steps": step, "samples": samples, "train_seconds": seconds, "samples_per_s": samples / seconds}
+
+
+def yaml_image_encoder(run: Path) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    return cfg["model"]["encoders"]["image"]
 
 
 def headline(results: dict) -> dict:
@@ -176,37 +199,44 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "experiments/emoji_tiny.yaml"))
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time for each model")
-    p.add_argument("--mmstory-run", help="a finished main-job run folder to reuse instead of training again")
+    p.add_argument("--mmstory-run", nargs="+", help="finished mmstory run folder(s) to evaluate instead of "
+                   "training the main job again (e.g. the main job and a run with CoCa's exact ViT shapes)")
     p.add_argument("--max-samples", type=int, default=256, help="per validation split")
     p.add_argument("--out", default=str(REPO / "runs/time_to_quality"))
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(TrainConfig, args.config, [f"--max_minutes={args.minutes}", "--steps=1000000",
-                                                 "--final_eval=false", f"--out_dir={out / 'mmstory'}"])
+    # mmstory trains as its config says (steps, schedule), capped at the budget; CoCa gets the full budget.
+    cfg = load_config(TrainConfig, args.config, [f"--max_minutes={args.minutes}", "--final_eval=false",
+                                                 f"--out_dir={out / 'mmstory'}"])
     cfg.data.manifest = str(REPO / cfg.data.manifest)
     cfg.model.tokenizer.path = str(REPO / cfg.model.tokenizer.path)
 
     import mmstory
 
+    models, trained = {}, {}
     if args.mmstory_run:
-        run = Path(args.mmstory_run)
-        mm = mmstory.load(run / "model")
-        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        mm_train = {"steps": max(r["step"] for r in rows), "reused": str(run)}
+        for folder in args.mmstory_run:
+            run = Path(folder)
+            rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+            name = f"mmstory:{run.name}"
+            models[name] = mmstory.load(run / "model")
+            trained[name] = {"steps": max(r["step"] for r in rows), "reused": str(run),
+                             "image_encoder": yaml_image_encoder(run)}
     else:
         t0 = time.perf_counter()
         run = train(cfg)
-        mm = mmstory.load(run / "model")
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        mm_train = {"steps": max(r["step"] for r in rows), "wall_seconds_incl_validation": time.perf_counter() - t0}
-    coca, coca_train = train_coca(cfg, args.minutes, out)
+        models["mmstory"] = mmstory.load(run / "model")
+        trained["mmstory"] = {"steps": max(r["step"] for r in rows),
+                              "wall_seconds_incl_validation": time.perf_counter() - t0}
+    models["open_clip_coca"], trained["open_clip_coca"] = train_coca(cfg, args.minutes, out)
 
     manifest = load_manifest(cfg.data.manifest)
     decode = DecodeOptions(max_new_tokens=cfg.report.max_new_tokens)  # greedy for both
     tasks = ("caption", "qa", "retrieval")
     results = {}
-    for name, model in (("mmstory", mm), ("open_clip_coca", coca)):
+    for name, model in models.items():
         results[name] = {split: evaluate(model, manifest.split(split), tasks=tasks, max_samples=args.max_samples,
                                          decode=decode, data=dataclasses.replace(cfg.data.loader, workers=1),
                                          name=f"{name}/{split}")
@@ -214,9 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "date": time.strftime("%Y-%m-%d"), "minutes_each": args.minutes, "max_samples": args.max_samples,
         "config": args.config, "decoding": "greedy",
-        "train": {"mmstory": mm_train, "open_clip_coca": coca_train},
-        "params_M": {"mmstory": sum(p.numel() for p in mm.parameters()) / 1e6,
-                     "open_clip_coca": sum(p.numel() for p in coca.coca.parameters()) / 1e6},
+        "train": trained,
+        "params_M": {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()},
         "headline": {name: headline(r) for name, r in results.items()},
         "metrics": {name: {s: r[s]["metrics"] for s in r} for name, r in results.items()},
         "examples": {name: {s: [{"references": x["references"][:2], "caption": x["caption"]}
