@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmstory.data.pipeline import DataConfig, build_loader, resolve_shards
+from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, resolve_shards
+from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mmstory.generation import DecodeOptions
 from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, generate_text, require_encoder)
 from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy, zero_shot_accuracy
@@ -50,14 +51,12 @@ TASKS = ("caption", "qa", "retrieval", "zeroshot")
 # ---------------------------------------------------------------------------------------------- data
 def eval_data_config(model: "MultimodalModel", data: DataConfig | None, batch_size: int) -> DataConfig:
     """The data config for evaluation: the training one (prompts, audio_seconds) with no augmentation,
-    the image size / sample rate the model's encoders expect, and every sample kept whatever text it has."""
+    audio no longer than the audio encoder takes, and every sample kept whatever text it has (the image
+    size, normalisation and sample rate then come from ``fit_to_encoders``)."""
     cfg = data or DataConfig()
     changes: dict[str, Any] = dict(batch_size=batch_size, augment=False, resampled=False,
                                    tasks={"caption": 1.0, "qa": 1.0}, audio_tasks={"caption": 1.0, "qa": 1.0})
-    if "image" in model.encoders:
-        changes["image_size"] = model.encoders["image"].preprocess["image_size"]
     if "audio" in model.encoders:
-        changes["sample_rate"] = model.encoders["audio"].preprocess["sample_rate"]
         max_seconds = getattr(model.encoders["audio"], "max_seconds", None)
         if max_seconds is not None and cfg.audio_seconds > max_seconds:
             changes["audio_seconds"] = max_seconds
@@ -137,10 +136,9 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         model.to(device)
     was_training = model.training
     model.eval()
-    cfg = eval_data_config(model, data, batch_size)
+    cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     cfg = dataclasses.replace(cfg, workers=min(cfg.workers, len(resolve_shards(split_or_urls))))  # idle workers
-    pp = model.encoders["image"].preprocess if "image" in model.encoders else {}
-    mean, std = pp.get("mean", (0.5,) * 3), pp.get("std", (0.5,) * 3)
+    mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
                           train=False, mean=mean, std=std)
     options = dataclasses.asdict(decode)

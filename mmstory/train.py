@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mmstory.config import ModelConfig, load_config, to_dict
 from mmstory.data.manifest import load_manifest
-from mmstory.data.pipeline import DataConfig, build_mixed_loader
+from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders
 from mmstory.model import MultimodalModel, build_model
 
 
@@ -158,13 +158,7 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     model's encoders, so data and model cannot disagree."""
     manifest = load_manifest(cfg.data.manifest)
     loader_cfg = cfg.data.loader if train else dataclasses.replace(cfg.data.loader, resampled=False)
-    kwargs = {}
-    if "image" in model.encoders:
-        pre = model.encoders["image"].preprocess
-        loader_cfg = dataclasses.replace(loader_cfg, image_size=pre["image_size"])
-        kwargs = {"mean": pre["mean"], "std": pre["std"]}
-    if "audio" in model.encoders:
-        loader_cfg = dataclasses.replace(loader_cfg, sample_rate=model.encoders["audio"].preprocess["sample_rate"])
+    loader_cfg, kwargs = fit_to_encoders(loader_cfg, model.encoders)
     sources = {name: manifest.split(split) for name, split in splits.items()}
     return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
                               skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
@@ -184,6 +178,11 @@ def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch
     plain = build_model(cfg.model)
     plain.load_state_dict(state)
     return plain.to(device)
+
+
+def loss_items(out: dict) -> dict[str, float]:
+    """The scalar loss terms of a model output ("loss" and every "<name>_loss") as floats."""
+    return {k: v.item() for k, v in out.items() if k.endswith("loss") and torch.is_tensor(v)}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -207,14 +206,18 @@ def save_checkpoint(folder: Path, model: MultimodalModel, optimizer, scaler, sta
     shutil.rmtree(old, ignore_errors=True)
 
 
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete ``step_NNNNNN`` checkpoints, oldest first (half-written ``.tmp``/``.old`` folders excluded)."""
+    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
+    found = step_checkpoints(ckpt_dir)
     return found[-1] if found else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    found = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
-    for p in found[:-keep] if keep > 0 else []:
+    for p in step_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -240,9 +243,8 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
                 break
             with autocast():
                 res = model(to_device(batch, device))
-            for k, v in res.items():
-                if k.endswith("loss") and torch.is_tensor(v):
-                    sums[k] = sums.get(k, 0.0) + v.item()
+            for k, v in loss_items(res).items():
+                sums[k] = sums.get(k, 0.0) + v
             n += 1
         out.update({f"val/{split}/{k}": v / max(n, 1) for k, v in sums.items()})
     model.train()
@@ -366,9 +368,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; "
                                     f"last good checkpoint: {last_ckpt}")
             (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in out.items():
-                if k.endswith("loss") and torch.is_tensor(v):
-                    terms[k] = terms.get(k, 0.0) + v.item() / cfg.optim.accum_steps
+            for k, v in loss_items(out).items():
+                terms[k] = terms.get(k, 0.0) + v / cfg.optim.accum_steps
             samples_since += len(batch["__key__"]) * world
         if scaler:
             scaler.unscale_(optimizer)

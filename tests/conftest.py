@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mmstory.config import Component, LossSpec, ModelConfig  # noqa: E402
+from mmstory.config import Component, ModelConfig  # noqa: E402
 
 TINY_OPEN_CLIP = "mmstory-test-tiny"
 

@@ -47,7 +47,7 @@ import warnings
 import weakref
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -102,6 +102,20 @@ class DataConfig:
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0 "
                              f"(got {self.batch_size}, {self.workers})")
+
+
+def fit_to_encoders(cfg: DataConfig, encoders: Any) -> tuple[DataConfig, dict]:
+    """What a model's encoders dictate to its data: the image encoder's size and normalisation and the
+    audio encoder's sample rate (each encoder's ``preprocess`` dict). Returns the adjusted config and the
+    ``mean``/``std`` keywords for ``build_loader`` (empty without an image encoder: the defaults)."""
+    norm = {}
+    if "image" in encoders:
+        pre = encoders["image"].preprocess
+        cfg = replace(cfg, image_size=pre["image_size"])
+        norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
+    if "audio" in encoders:
+        cfg = replace(cfg, sample_rate=encoders["audio"].preprocess["sample_rate"])
+    return cfg, norm
 
 
 def stable_seed(*parts: Any) -> int:
