@@ -42,8 +42,18 @@ class TextDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                cache: list[tuple[KVCache, KVCache]] | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V).
+                cache: list[tuple[KVCache, KVCache]] | None = None, select: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or with ``select`` (B, T) bool -> logits (N, V) at the N
+        selected positions only (row-major order): training needs the vocabulary head only where a
+        target is scored, and the head is the largest matmul of the step for a large vocabulary."""
+        hidden = self.features(tokens, memory, memory_mask, positions=positions, key_mask=key_mask, cache=cache)
+        return self.lm_head(hidden if select is None else hidden[select])
+
+    def features(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, *,
+                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                 cache: list[tuple[KVCache, KVCache]] | None = None) -> torch.Tensor:
+        """tokens (B, T) -> final hidden states (B, T, D), before the vocabulary head.
 
         memory (B, M, Dm) fused tokens with memory_mask (B, M). For generation: positions (B, T) of the new
         tokens, key_mask (B, S) marking real tokens among all positions so far (cached + new, left padding
@@ -71,7 +81,7 @@ class TextDecoder(nn.Module):
             else:
                 x = block(x, memory, memory_mask=memory_mask, attn_mask=attn_mask, is_causal=attn_mask is None,
                           cache=layer_cache, max_len=self.max_len)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def checkpoint_args(self, folder) -> dict:
         return dict(self.args)

@@ -82,14 +82,29 @@ class MultimodalModel(nn.Module):
         return self.fusion(inputs)
 
     # ---------------------------------------------------------------- training forward
-    def forward(self, batch: dict) -> dict:
-        """Returns {"embeds": {modality: (B, E)}, "logits": (B, S, V) when ``tokens`` is given,
-        each loss term "<name>_loss", and "loss" = sum of weight * term}."""
+    def forward(self, batch: dict, *, full_logits: bool = False) -> dict:
+        """Returns {"embeds": {modality: (B, E)}, each loss term "<name>_loss", "loss" = sum of weight *
+        term} and, when ``tokens`` is given, the decoder's vocabulary logits:
+
+        - with ``target_mask`` (training, validation): "target_logits" (N, V) only at the N positions whose
+          next token is a target, and "target_ids" (N,) those next tokens;
+        - otherwise, or with ``full_logits=True``: "logits" (B, S, V) at every position.
+
+        The first is the fast path. The (B, S, V) logits are the largest tensor of a training step (V is
+        49,408 for CLIP's BPE), and prompt, BOS and padding positions never enter the loss, so computing
+        the head only where it is scored saves that part of the head's matmuls, softmax and gradient
+        (tests check that both paths give the same loss and gradients)."""
         feats = self.encode(batch)
         out: dict = {"embeds": self.embed(feats)}
         if "tokens" in batch:
             fused = self.fuse(feats)
-            out["logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"])
+            if "target_mask" in batch and not full_logits:
+                scored = batch["target_mask"][:, 1:]  # position t predicts token t + 1
+                out["target_logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"],
+                                                    select=F.pad(scored, (0, 1), value=False))
+                out["target_ids"] = batch["tokens"][:, 1:][scored]
+            else:
+                out["logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"])
             if "gates" in fused:
                 out["gates"] = fused["gates"]
         total = None

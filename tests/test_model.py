@@ -62,12 +62,49 @@ def test_caption_loss_counts_only_targets():
     torch.testing.assert_close(got, got2)
 
 
+def test_caption_loss_same_from_full_and_target_logits():
+    torch.manual_seed(0)
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 5, 8, 2, 0, 0]])
+    target = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(2, 6, 11)
+    batch = {"tokens": tokens, "target_mask": target}
+    full = CaptionLoss(label_smoothing=0.1)({"logits": logits}, batch)["caption_loss"]
+    scored = target[:, 1:]
+    fast = CaptionLoss(label_smoothing=0.1)({"target_logits": logits[:, :-1][scored],
+                                             "target_ids": tokens[:, 1:][scored]}, batch)["caption_loss"]
+    torch.testing.assert_close(fast, full)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_head_at_targets_equals_full_logits_path(fusion):
+    """The training fast path (vocabulary head only where a target is scored) gives the same logits
+    there, the same losses and the same gradient for every parameter as the full (B, S, V) path."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(fusion=fusion)).train()
+    batch = make_batch(model, B=4, question=True)
+    full = model(batch, full_logits=True)
+    grads_full = torch.autograd.grad(full["loss"], list(model.parameters()), allow_unused=True)
+    fast = model(batch)
+    grads_fast = torch.autograd.grad(fast["loss"], list(model.parameters()), allow_unused=True)
+    assert "logits" not in fast and "target_logits" not in full
+    scored = batch["target_mask"][:, 1:]
+    assert fast["target_logits"].shape[0] == int(scored.sum()) < scored.numel()
+    torch.testing.assert_close(fast["target_logits"], full["logits"][:, :-1][scored])
+    assert torch.equal(fast["target_ids"], batch["tokens"][:, 1:][scored])
+    for key in ("loss", "caption_loss", "contrastive_image_text_loss"):
+        torch.testing.assert_close(fast[key], full[key])
+    for (name, _), a, b in zip(model.named_parameters(), grads_fast, grads_full):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_decoder_padding_does_not_change_real_positions(tiny_model):
     tiny_model.eval()
     batch = make_batch(tiny_model, B=3)
     changed = dict(batch)
     changed["tokens"] = batch["tokens"].masked_fill(~batch["tokens_mask"], 42)
-    a, b = tiny_model(batch), tiny_model(changed)
+    a, b = tiny_model(batch, full_logits=True), tiny_model(changed, full_logits=True)
     m = batch["tokens_mask"]
     torch.testing.assert_close(a["logits"][m], b["logits"][m])
     torch.testing.assert_close(a["caption_loss"], b["caption_loss"])
@@ -90,7 +127,7 @@ def test_save_load_gives_identical_outputs(tmp_path, fusion):
     batch = make_batch(model, question=True)
     model.save(tmp_path / "m")
     loaded = load(tmp_path / "m")
-    a, b = model(batch), loaded(batch)
+    a, b = model(batch, full_logits=True), loaded(batch, full_logits=True)
     for key in ("logits", "loss", "caption_loss"):
         assert torch.equal(a[key], b[key]), key
     images = batch["image"]

@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 
 class CaptionLoss(nn.Module):
-    """logits (B, S, V) at position t predict tokens[t + 1]; only positions where ``target_mask`` is
-    True (caption/answer tokens and the final EOS) count — prompt, BOS and padding are ignored.
+    """Cross-entropy of the next token at the positions where it is a target (caption/answer tokens and
+    the final EOS); prompt, BOS and padding are ignored. Reads either
+
+    - ``target_logits`` (N, V) and ``target_ids`` (N,): the head already applied only at those positions
+      (``MultimodalModel.forward``'s fast path), or
+    - ``logits`` (B, S, V) at every position, with ``batch["tokens"]`` and ``batch["target_mask"]``:
+      position t predicts tokens[t + 1] where target_mask[t + 1] is True.
+
     Returns ``{"caption_loss": mean over target tokens}`` (of the global batch under torch.distributed)."""
 
     def __init__(self, *, label_smoothing: float = 0.0):
@@ -17,15 +23,17 @@ class CaptionLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
-        if "logits" not in outputs:
+        if "target_logits" in outputs:
+            logits, targets = outputs["target_logits"], outputs["target_ids"]
+        elif "logits" in outputs:
+            # Shift the targets left (the last position predicts nothing) instead of slicing
+            # logits[:, :-1]: the slice's backward would allocate and copy a second (B, S, V) gradient.
+            targets = batch["tokens"][:, 1:].masked_fill(~batch["target_mask"][:, 1:], -100)
+            logits, targets = outputs["logits"].flatten(0, 1), F.pad(targets, (0, 1), value=-100).flatten()
+        else:
             return {}
-        logits = outputs["logits"]  # (B, S, V)
-        # Shift the targets left (the last position predicts nothing) instead of slicing logits[:, :-1]:
-        # the slice's backward would allocate and copy a second (B, S, V) gradient, the largest tensor.
-        targets = batch["tokens"][:, 1:].masked_fill(~batch["target_mask"][:, 1:], -100)
-        targets = F.pad(targets, (0, 1), value=-100)  # (B, S)
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                ignore_index=-100, label_smoothing=self.label_smoothing, reduction="sum")
+        total = F.cross_entropy(logits.float(), targets, ignore_index=-100, label_smoothing=self.label_smoothing,
+                                reduction="sum")
         count = (targets != -100).sum()
         if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Normalise by the global token count; DDP then averages gradients over ranks, so
