@@ -39,9 +39,16 @@ class _Stepper:
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.ids, self.mask = ids, mask
         self.positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: real tokens from 0
-        logits = self.decoder(ids, self.memory, self.memory_mask, positions=self.positions, key_mask=mask,
-                              cache=self.cache)
-        return logits[:, -1]
+        return self.decoder(ids, self.memory, self.memory_mask, positions=self.positions, key_mask=mask,
+                            cache=self.cache, select=self._last(ids))
+
+    @staticmethod
+    def _last(ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool selecting the last column: only the next token's logits are needed, so the
+        vocabulary head runs on one position per row, not on the whole prefix."""
+        select = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        select[:, -1] = True
+        return select
 
     def step(self, new: torch.Tensor) -> torch.Tensor:
         """new (B, 1) -> next-token logits (B, V)."""
@@ -50,12 +57,10 @@ class _Stepper:
         self.mask = torch.cat([self.mask, torch.ones_like(new, dtype=torch.bool)], 1)
         self.positions = torch.cat([self.positions, pos], 1)
         if self.cache is not None:
-            logits = self.decoder(new, self.memory, self.memory_mask, positions=pos, key_mask=self.mask,
-                                  cache=self.cache)
-        else:
-            logits = self.decoder(self.ids, self.memory, self.memory_mask, positions=self.positions,
-                                  key_mask=self.mask)
-        return logits[:, -1]
+            return self.decoder(new, self.memory, self.memory_mask, positions=pos, key_mask=self.mask,
+                                cache=self.cache)[:, -1]
+        return self.decoder(self.ids, self.memory, self.memory_mask, positions=self.positions, key_mask=self.mask,
+                            select=self._last(self.ids))
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows in ``index`` (beam search's surviving beams). Beam search only moves beams within
@@ -147,8 +152,13 @@ def _beam_search(decoder, memory, memory_mask, prompt_ids, prompt_mask, eos_id, 
     for t in range(opts.max_new_tokens):
         logp = process_logits(logits, seqs, t, eos_id, opts).log_softmax(-1)  # (B*K, V)
         V = logp.shape[-1]
-        cand = (scores.view(-1, 1) + logp).view(B, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)
+        # The 2K best continuations of a row are among the 2K best tokens of each of its beams: take those
+        # first, then add the beam scores to (B*K, 2K) candidates instead of to the whole (B*K, V).
+        top_logp, top_tok = logp.topk(min(2 * K, V), dim=-1)
+        cand = scores.view(-1, 1) + top_logp
+        top_scores, flat = cand.view(B, -1).topk(2 * K, dim=1)  # over each row's K * 2K candidates
+        beam_of = flat // top_tok.shape[1]
+        top_idx = beam_of * V + top_tok.view(B, -1).gather(1, flat)  # as an index into the (K, V) grid
         next_beam, next_tok, next_score = [], [], []
         for b in range(B):
             chosen = []

@@ -47,12 +47,12 @@ def test_smoke_run_has_every_measurement(tmp_path):
         assert {"params", "samples_per_s", "samples_per_s_best", "peak_mem_mb", "last_loss"} <= set(row[lib])
         assert row[lib]["samples_per_s"] > 0 and torch.isfinite(torch.tensor(row[lib]["last_loss"])), (lib, row[lib])
     assert {"ratio_samples_per_s", "ratio_peak_mem"} <= set(row)
-    gen = res["generate"]["2"]
+    gen = res["generate"]["smoke"]["2"]
     for key in ("mmstory_greedy_cache", "mmstory_greedy_nocache", "mmstory_beam4_cache", "mmstory_beam4_nocache",
-                "open_clip_greedy_loop"):
+                "mmstory_greedy_rerun_full_logits", "open_clip_greedy_loop"):
         assert gen[key]["images_per_s"] > 0
-    assert gen["greedy_cache_equals_nocache"] and gen["beam4_cache_equals_nocache"]
-    assert {"beam_search", "top_k"} <= set(res["generate"]["open_clip_generate"])
+    assert gen["greedy_cache_equals_nocache"] and gen["beam4_cache_equals_nocache"] and gen["greedy_cache_equals_rerun"]
+    assert {"beam_search", "top_k"} <= set(res["generate"]["smoke"]["open_clip_generate"])
     assert res["data"]["loader"]["samples"] > 0 and res["data"]["ratio_loader_over_train"] > 0
     assert "mmstory / open_clip" in bench.table(res)
 
