@@ -70,3 +70,23 @@ def test_caption_loss_equals_sliced_formula_with_gradients():
     (g_plain,) = torch.autograd.grad(plain, logits)
     torch.testing.assert_close(got, plain)
     torch.testing.assert_close(g_got, g_plain)
+
+
+def test_time_to_quality_smoke(tmp_path):
+    """Both models train for a few seconds and are scored by the same evaluation code; a reused run's
+    fuse_question and decoder depth are read from its saved config."""
+    import time_to_quality
+
+    res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq")])
+    assert set(res["headline"]) == {"mmstory", "open_clip_coca"}
+    for name, per_split in res["headline"].items():
+        assert set(per_split) == {"val_style", "val_novel"}
+        for split, h in per_split.items():
+            assert 0.0 <= h["vqa_accuracy"] <= 1.0 and h["CIDEr"] >= 0.0 and 0.0 <= h["image_to_text_R@1"] <= 1.0
+    assert res["train"]["open_clip_coca"]["steps"] >= 1 and res["train"]["mmstory"]["steps"] >= 1
+    assert (tmp_path / "ttq" / "results.json").is_file()
+    again = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq2"),
+                                  "--mmstory-run", str(tmp_path / "ttq" / "mmstory")])
+    reused = again["train"]["mmstory:mmstory"]
+    assert reused["steps"] == res["train"]["mmstory"]["steps"] and reused["fuse_question"] is False
+    assert again["headline"]["mmstory:mmstory"] == res["headline"]["mmstory"]

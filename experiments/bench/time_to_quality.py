@@ -171,11 +171,10 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     return adapter, {"steps": step, "samples": samples, "train_seconds": seconds, "samples_per_s": samples / seconds}
 
 
-def yaml_image_encoder(run: Path) -> dict:
+def run_config(run: Path) -> dict:
     import yaml
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    return cfg["model"]["encoders"]["image"]
+    return yaml.safe_load((run / "config.yaml").read_text())
 
 
 def headline(results: dict) -> dict:
@@ -221,15 +220,19 @@ def main(argv: list[str] | None = None) -> dict:
             rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
             name = f"mmstory:{run.name}"
             models[name] = mmstory.load(run / "model")
+            rc = run_config(run)
             trained[name] = {"steps": max(r["step"] for r in rows), "reused": str(run),
-                             "image_encoder": yaml_image_encoder(run)}
+                             "image_encoder": rc["model"]["encoders"]["image"],
+                             "decoder_depth": rc["model"]["decoder"]["depth"],
+                             "fuse_question": rc["data"]["loader"].get("fuse_question", False)}
     else:
         t0 = time.perf_counter()
         run = train(cfg)
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         models["mmstory"] = mmstory.load(run / "model")
         trained["mmstory"] = {"steps": max(r["step"] for r in rows),
-                              "wall_seconds_incl_validation": time.perf_counter() - t0}
+                              "wall_seconds_incl_validation": time.perf_counter() - t0,
+                              "fuse_question": cfg.data.loader.fuse_question}
     models["open_clip_coca"], trained["open_clip_coca"] = train_coca(cfg, args.minutes, out)
 
     manifest = load_manifest(cfg.data.manifest)
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in models.items():
         results[name] = {split: evaluate(model, manifest.split(split), tasks=tasks, max_samples=args.max_samples,
                                          decode=decode, data=dataclasses.replace(cfg.data.loader, workers=1),
+                                         fuse_question=trained[name].get("fuse_question", False),
                                          name=f"{name}/{split}")
                          for split in ("val_style", "val_novel")}
     summary = {
