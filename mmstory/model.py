@@ -27,6 +27,7 @@ from mmstory.encoders import ENCODERS, EncoderOutput
 from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
+from mmstory.losses.captioning import prompt_mask
 from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
 
 # modality -> (batch key, mask key, encoder that reads it)
@@ -55,6 +56,7 @@ class MultimodalModel(nn.Module):
         self.decoder = decoder
         self.losses = nn.ModuleDict({n: loss for n, (loss, _) in losses.items()})
         self.loss_weights = {n: w for n, (_, w) in losses.items()}
+        self.prompt_scored = any(getattr(loss, "prompt_weight", 0) > 0 for loss, _ in losses.values())
         self.tokenizer = tokenizer
         self.text_tokenizer = getattr(encoders.get("text"), "tokenizer", tokenizer)
         self.config = config
@@ -87,7 +89,8 @@ class MultimodalModel(nn.Module):
         term} and, when ``tokens`` is given, the decoder's vocabulary logits:
 
         - with ``target_mask`` (training, validation): "target_logits" (N, V) only at the N positions whose
-          next token is a target, and "target_ids" (N,) those next tokens;
+          next token is a target (or a prompt token, when the caption loss scores those: then also
+          "target_is_prompt" (N,)), and "target_ids" (N,) those next tokens;
         - otherwise, or with ``full_logits=True``: "logits" (B, S, V) at every position.
 
         The first is the fast path. The (B, S, V) logits are the largest tensor of a training step (V is
@@ -100,6 +103,10 @@ class MultimodalModel(nn.Module):
             fused = self.fuse(feats)
             if "target_mask" in batch and not full_logits:
                 scored = batch["target_mask"][:, 1:]  # position t predicts token t + 1
+                if self.prompt_scored:  # a loss also scores the prompt tokens
+                    prompt = prompt_mask(batch)[:, 1:]
+                    scored = scored | prompt
+                    out["target_is_prompt"] = prompt[scored]
                 out["target_logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"],
                                                     select=F.pad(scored, (0, 1), value=False))
                 out["target_ids"] = batch["tokens"][:, 1:][scored]

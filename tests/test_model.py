@@ -75,12 +75,35 @@ def test_caption_loss_same_from_full_and_target_logits():
     torch.testing.assert_close(fast, full)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_head_at_targets_equals_full_logits_path(fusion):
-    """The training fast path (vocabulary head only where a target is scored) gives the same logits
-    there, the same losses and the same gradient for every parameter as the full (B, S, V) path."""
+def test_caption_loss_prompt_weight_adds_a_separate_prompt_mean():
     torch.manual_seed(0)
-    model = build_model(tiny_config(fusion=fusion)).train()
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 5, 9, 8, 2, 0]])
+    tokens_mask = tokens != 0
+    target = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    logits = torch.randn(2, 6, 11)
+    batch = {"tokens": tokens, "tokens_mask": tokens_mask, "target_mask": target}
+    got = CaptionLoss(prompt_weight=0.5)({"logits": logits}, batch)
+    nll = lambda picks: torch.stack([-logits[r, t].log_softmax(-1)[y] for r, t, y in picks]).mean()  # noqa: E731
+    # targets: row 0 predicts 6, 7, 2 from positions 1-3; row 1 predicts 8, 2 from positions 2-3
+    torch.testing.assert_close(got["caption_loss"], nll([(0, 1, 6), (0, 2, 7), (0, 3, 2), (1, 2, 8), (1, 3, 2)]))
+    # prompt tokens after BOS: row 0 token 5 (from position 0); row 1 tokens 5, 9 (positions 0, 1)
+    torch.testing.assert_close(got["caption_prompt_loss"], 0.5 * nll([(0, 0, 5), (1, 0, 5), (1, 1, 9)]))
+    assert "caption_prompt_loss" not in CaptionLoss()({"logits": logits}, batch)
+    with pytest.raises(ValueError, match="prompt_weight must be >= 0"):
+        CaptionLoss(prompt_weight=-1.0)
+
+
+@pytest.mark.parametrize("fusion,prompt_weight", [("concat", 0.0), ("cross_attention", 0.0), ("concat", 0.5)])
+def test_head_at_targets_equals_full_logits_path(fusion, prompt_weight):
+    """The training fast path (vocabulary head only where a target or a scored prompt token is) gives
+    the same logits there, the same losses and the same gradient for every parameter as the full
+    (B, S, V) path."""
+    from mmstory.config import LossSpec
+
+    torch.manual_seed(0)
+    cfg = tiny_config(fusion=fusion)
+    cfg.losses["caption"] = LossSpec("caption", 2.0, {"prompt_weight": prompt_weight})
+    model = build_model(cfg).train()
     batch = make_batch(model, B=4, question=True)
     full = model(batch, full_logits=True)
     grads_full = torch.autograd.grad(full["loss"], list(model.parameters()), allow_unused=True)
@@ -88,10 +111,14 @@ def test_head_at_targets_equals_full_logits_path(fusion):
     grads_fast = torch.autograd.grad(fast["loss"], list(model.parameters()), allow_unused=True)
     assert "logits" not in fast and "target_logits" not in full
     scored = batch["target_mask"][:, 1:]
+    if prompt_weight:
+        scored = batch["tokens_mask"][:, 1:]  # every real token after BOS
+        assert fast["target_is_prompt"].sum() == (batch["tokens_mask"] & ~batch["target_mask"]).sum() - 4
     assert fast["target_logits"].shape[0] == int(scored.sum()) < scored.numel()
     torch.testing.assert_close(fast["target_logits"], full["logits"][:, :-1][scored])
     assert torch.equal(fast["target_ids"], batch["tokens"][:, 1:][scored])
-    for key in ("loss", "caption_loss", "contrastive_image_text_loss"):
+    keys = ["loss", "caption_loss", "contrastive_image_text_loss"] + (["caption_prompt_loss"] if prompt_weight else [])
+    for key in keys:
         torch.testing.assert_close(fast[key], full[key])
     for (name, _), a, b in zip(model.named_parameters(), grads_fast, grads_full):
         assert (a is None) == (b is None), name

@@ -29,8 +29,7 @@ Batch format (B samples, L text tokens, S decoder tokens, T audio samples):
     question_ids, question_mask        (B, L), only with cfg.fuse_question ("" for non-QA samples)
     tokens       long (B, S)           [bos] prompt " target" [eos], right-padded with pad_id
     tokens_mask  bool (B, S)
-    target_mask  bool (B, S)           True exactly at the target tokens and the final eos (with
-                                       cfg.prompt_loss: at every real token after bos)
+    target_mask  bool (B, S)           True exactly at the target tokens and the final eos
     task, prompt list[str]; references list[list[str]]; meta list[dict]
 """
 from __future__ import annotations
@@ -85,7 +84,6 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.7, 1.0)
     color_jitter: float = 0.1
     fuse_question: bool = False         # also emit question_ids/question_mask
-    prompt_loss: bool = False           # caption loss also on the prompt tokens (the question), as CoCa
     drop_last: bool = False             # drop each worker's last partial batch
     prefetch_factor: int = 2
     pin_memory: bool = False
@@ -306,8 +304,7 @@ def decoder_sequence(tokenizer: Tokenizer, prompt: str, target: str, max_tokens:
 
 
 def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Tokenizer | None = None, *,
-            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False,
-            prompt_loss: bool = False) -> dict[str, Any]:
+            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False) -> dict[str, Any]:
     """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring)."""
     text_tokenizer = text_tokenizer or tokenizer
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
@@ -330,8 +327,7 @@ def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Token
     seqs, heads = zip(*(decoder_sequence(tokenizer, s["prompt"], s["target"], max_tokens) for s in samples))
     tokens, tokens_mask = pad_sequences(seqs, tokenizer.pad_id)  # (B, S)
     positions = torch.arange(tokens.shape[1])
-    first = torch.ones(len(heads), dtype=torch.long) if prompt_loss else torch.tensor(heads)  # 1: all after bos
-    target_mask = (positions[None, :] >= first[:, None]) & tokens_mask
+    target_mask = (positions[None, :] >= torch.tensor(heads)[:, None]) & tokens_mask
     batch.update(tokens=tokens, tokens_mask=tokens_mask, target_mask=target_mask,
                  task=[s["task"] for s in samples], prompt=[s["prompt"] for s in samples],
                  references=[list(s["references"]) for s in samples], meta=[s["meta"] for s in samples])
@@ -405,8 +401,7 @@ class ShardStream(IterableDataset):
             if index % 50 == 0:
                 stats.flush()
             yield collate(samples, self.tokenizer, self.text_tokenizer, max_text_len=cfg.max_text_len,
-                          max_tokens=cfg.max_tokens, fuse_question=cfg.fuse_question,
-                          prompt_loss=cfg.prompt_loss) if samples else None
+                          max_tokens=cfg.max_tokens, fuse_question=cfg.fuse_question) if samples else None
         stats.flush()
 
 
