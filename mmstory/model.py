@@ -94,7 +94,7 @@ class MultimodalModel(nn.Module):
         - otherwise, or with ``full_logits=True``: "logits" (B, S, V) at every position.
 
         The first is the fast path. The (B, S, V) logits are the largest tensor of a training step (V is
-        49,408 for CLIP's BPE), and prompt, BOS and padding positions never enter the loss, so computing
+        49,408 for CLIP's BPE), and BOS, padding and (unless scored) prompt positions never enter the loss, so computing
         the head only where it is scored saves that part of the head's matmuls, softmax and gradient
         (tests check that both paths give the same loss and gradients)."""
         feats = self.encode(batch)
