@@ -18,6 +18,9 @@ from mmstory.encoders.base import pretrained_error
 from mmstory.layers import CrossBlock, KVCache, init_weights
 
 
+LAST = (slice(None), -1)  # ``select`` for every row's last position
+
+
 class TextDecoder(nn.Module):
     def __init__(self, *, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  max_len: int = 64, memory_dim: int | None = None, dropout: float = 0.0):
@@ -44,9 +47,10 @@ class TextDecoder(nn.Module):
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 cache: list[tuple[KVCache, KVCache]] | None = None, select: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or with ``select`` (B, T) bool -> logits (N, V) at the N
-        selected positions only (row-major order): training needs the vocabulary head only where a
-        target is scored, and the head is the largest matmul of the step for a large vocabulary."""
+        """tokens (B, T) -> logits (B, T, V), or logits at the positions ``select`` indexes only: a (B, T)
+        bool mask -> (N, V) in row-major order (training scores targets only), ``LAST`` -> (B, V) (decoding
+        needs the next token only). The vocabulary head is the largest matmul of a step for a large
+        vocabulary, so it runs only where its output is used."""
         hidden = self.features(tokens, memory, memory_mask, positions=positions, key_mask=key_mask, cache=cache)
         return self.lm_head(hidden if select is None else hidden[select])
 

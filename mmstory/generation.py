@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmstory.decoder import TextDecoder
+from mmstory.decoder import LAST, TextDecoder
 
 
 @dataclass
@@ -40,15 +40,7 @@ class _Stepper:
         self.ids, self.mask = ids, mask
         self.positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: real tokens from 0
         return self.decoder(ids, self.memory, self.memory_mask, positions=self.positions, key_mask=mask,
-                            cache=self.cache, select=self._last(ids))
-
-    @staticmethod
-    def _last(ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool selecting the last column: only the next token's logits are needed, so the
-        vocabulary head runs on one position per row, not on the whole prefix."""
-        select = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        select[:, -1] = True
-        return select
+                            cache=self.cache, select=LAST)
 
     def step(self, new: torch.Tensor) -> torch.Tensor:
         """new (B, 1) -> next-token logits (B, V)."""
@@ -58,9 +50,9 @@ class _Stepper:
         self.positions = torch.cat([self.positions, pos], 1)
         if self.cache is not None:
             return self.decoder(new, self.memory, self.memory_mask, positions=pos, key_mask=self.mask,
-                                cache=self.cache)[:, -1]
+                                cache=self.cache, select=LAST)
         return self.decoder(self.ids, self.memory, self.memory_mask, positions=self.positions, key_mask=self.mask,
-                            select=self._last(self.ids))
+                            select=LAST)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows in ``index`` (beam search's surviving beams). Beam search only moves beams within

@@ -143,12 +143,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step."""
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step. ``progress`` (0..1) replaces
+    the step-based position on the cosine, e.g. the elapsed fraction of a wall-clock budget."""
     o = cfg.optim
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    if progress is None:
+        progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -198,3 +198,17 @@ def test_torchrun_runs_the_same_command(tmp_path, distributed):
     import mmstory
 
     mmstory.load(tmp_path / "run" / "model")  # rank 0 saved a complete, unsharded model
+
+
+def test_lr_factor_warmup_cosine_and_progress_override():
+    from mmstory.train import lr_factor
+
+    cfg = TrainConfig(steps=110)
+    cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 10, 0.1
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    # a given progress (e.g. the elapsed share of a time budget) replaces the step-based one after warmup
+    assert lr_factor(60, cfg, progress=0.5) == lr_factor(60, cfg)
+    assert lr_factor(20, cfg, progress=1.0) == pytest.approx(0.1) == lr_factor(20, cfg, progress=3.0)
+    assert lr_factor(5, cfg, progress=1.0) == pytest.approx(0.6)  # warmup is by steps

@@ -116,7 +116,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import build_data, param_groups, seed_everything
+    from mmstory.train import build_data, lr_factor, param_groups, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -126,14 +126,11 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     tok = reference.tokenizer
     opt = torch.optim.AdamW(param_groups(coca, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    o = cfg.optim
 
     def lr_now(step: int, elapsed: float) -> float:
         """The main job's schedule shape over CoCa's wall-clock budget: the same warmup steps, then a
         cosine over the elapsed fraction of the budget (CoCa's step count is not known in advance)."""
-        if step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / (60 * minutes)))))
+        return cfg.optim.lr * lr_factor(step, cfg, progress=elapsed / (60 * minutes))
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
