@@ -65,16 +65,18 @@ class TextDecoder(nn.Module):
         """
         B, T = tokens.shape
         past = cache[0][0].length if cache is not None else 0
-        if positions is None:
+        if positions is None:  # training: the bound is known on the host (no device sync)
+            if past + T > self.max_len:
+                raise ValueError(f"decoder position {past + T - 1} exceeds max_len {self.max_len}")
             positions = torch.arange(past, past + T, device=tokens.device).expand(B, T)
-        if int(positions.max()) >= self.max_len:
+        elif int(positions.max()) >= self.max_len:
             raise ValueError(f"decoder position {int(positions.max())} exceeds max_len {self.max_len}")
         attn_mask = None
         if key_mask is not None:  # explicit mask: causal over absolute index & not left padding
             S = key_mask.shape[1]
             causal = torch.arange(S, device=tokens.device)[None, :] <= torch.arange(past, past + T, device=tokens.device)[:, None]
             attn_mask = key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
-        if memory_mask is not None and bool(memory_mask.all()):
+        if memory_mask is not None and not torch.compiler.is_compiling() and bool(memory_mask.all()):
             memory_mask = None
         x = self.drop(self.tok(tokens) + self.pos(positions))
         for i, block in enumerate(self.blocks):

@@ -57,8 +57,9 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, S) bool -> (B, 1, 1, S) for SDPA; None when every key is real (keeps fast kernels)."""
-    if mask is None or bool(mask.all()):
+    """(B, S) bool -> (B, 1, 1, S) for SDPA; None when every key is real (keeps fast kernels). That check
+    reads the mask on the host; under torch.compile it is skipped (a graph break) and the mask is kept."""
+    if mask is None or (not torch.compiler.is_compiling() and bool(mask.all())):
         return None
     return mask[:, None, None, :]
 

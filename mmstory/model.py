@@ -96,12 +96,14 @@ class MultimodalModel(nn.Module):
         The first is the fast path. The (B, S, V) logits are the largest tensor of a training step (V is
         49,408 for CLIP's BPE), and BOS, padding and (unless scored) prompt positions never enter the loss, so computing
         the head only where it is scored saves that part of the head's matmuls, softmax and gradient
-        (tests check that both paths give the same loss and gradients)."""
+        (tests check that both paths give the same loss and gradients). Under torch.compile the full path
+        is taken: the selection's data-dependent size would split the graph, and inductor fuses the
+        head's cross-entropy instead."""
         feats = self.encode(batch)
         out: dict = {"embeds": self.embed(feats)}
         if "tokens" in batch:
             fused = self.fuse(feats)
-            if "target_mask" in batch and not full_logits:
+            if "target_mask" in batch and not (full_logits or torch.compiler.is_compiling()):
                 scored = batch["target_mask"][:, 1:]  # position t predicts token t + 1
                 if self.prompt_scored:  # a loss also scores the prompt tokens
                     prompt = prompt_mask(batch)[:, 1:]
@@ -244,6 +246,6 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     if not (folder / "config.yaml").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} is not an mmstory model folder (needs config.yaml and model.safetensors)")
     cfg = from_dict(ModelConfig, yaml_load((folder / "config.yaml").read_text()))
-    model = build_model(cfg, base_dir=folder)
+    model = build_model(cfg, base_dir=folder).to(map_location)
     load_model(model, str(folder / "model.safetensors"), device=str(map_location))
     return model.eval()

@@ -231,3 +231,14 @@ def test_encoders_must_match_their_modality():
     cfg.encoders["text"] = Component("vit", {"image_size": 32, "width": 32, "depth": 1, "heads": 2})
     with pytest.raises(ValueError, match="encoder for 'text' reads 'image' inputs"):
         build_model(cfg)
+
+
+def test_training_forward_traces_as_one_graph_for_torch_compile():
+    """No host reads or data-dependent shapes under torch.compile (each would split the graph): mask
+    checks are skipped, the caption loss takes the full-logits path and sums with torch.where."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(fusion="cross_attention")).train()
+    batch = make_batch(model, B=4, question=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda b: model(b)["loss"])(batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -62,6 +62,11 @@ SHAPES = {
     # the main training job's model (part 4): ViT 64 px / 8, width 256, 4 + 4 + 4 layers, batch 64
     "main": Shape(image_size=64, patch_size=8, vision_width=256, vision_depth=4, vision_heads=4, text_width=256,
                   text_depth=4, text_heads=4, decoder_depth=4, context_length=48, batch=64),
+    # open_clip's coca_ViT-B-32 widths/depths (GPU runs; the issue's H100 reference is at batch 256). One
+    # difference, as for every shape here: 51 pooler queries (1 contrastive + 50 image tokens for the
+    # decoder, what mmstory's decoder sees) instead of coca_ViT-B-32's 256.
+    "b32": Shape(image_size=224, patch_size=32, vision_width=768, vision_depth=12, vision_heads=12, text_width=512,
+                 text_depth=12, text_heads=8, decoder_depth=12, context_length=76, batch=256),
     # seconds-long smoke run for tests
     "smoke": Shape(image_size=16, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
                    text_depth=1, text_heads=2, decoder_depth=1, context_length=8, batch=4, vocab_size=49408),
@@ -180,9 +185,10 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def make_step(lib: str, model, batch: dict, device: str, bf16: bool):
-    """A closure doing one fwd + bwd + AdamW step; returns the loss as a float."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def make_step(lib: str, model, batch: dict, device: str, bf16: bool, compile: bool = False):
+    """A closure doing one fwd + bwd + AdamW step; returns the loss as a float. On CUDA AdamW is the
+    fused kernel (both libraries). ``compile``: ``torch.compile`` of forward + loss, the same for both."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.startswith("cuda"))
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     if lib == "open_clip":
         from open_clip.loss import CoCaLoss
@@ -198,6 +204,9 @@ def make_step(lib: str, model, batch: dict, device: str, bf16: bool):
 
         def loss_of():
             return model(mb)["loss"]
+
+    if compile:
+        loss_of = torch.compile(loss_of)
 
     def step() -> float:
         with amp:
@@ -223,7 +232,7 @@ def _maxrss_mb() -> float:
 
 
 def train_measure(lib: str, shape: dict, device: str = "cpu", bf16: bool = False, warmup: int = 2,
-                  steps: int = 5, seed: int = 0, threads: int | None = None) -> dict:
+                  steps: int = 5, seed: int = 0, threads: int | None = None, compile: bool = False) -> dict:
     """Build one model, train ``warmup + steps`` steps on one synthetic batch. Meant to run in a fresh
     process (``isolated``) so that ru_maxrss is this model's peak."""
     if threads:
@@ -237,17 +246,20 @@ def train_measure(lib: str, shape: dict, device: str = "cpu", bf16: bool = False
     batch = to_device(synthetic_batch(s, seed), device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    step = make_step(lib, model, batch, device, bf16)
+    step = make_step(lib, model, batch, device, bf16, compile)
     times, losses = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         losses.append(step())
+        if i == 0:
+            first_step_s = time.perf_counter() - t0  # includes compilation when compiled
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     out = {"params": params, "step_s": med, "step_s_all": times, "samples_per_s": s.batch / med,
            "first_loss": losses[0], "last_loss": losses[-1], "rss_base_mb": base, "rss_peak_mb": _maxrss_mb(),
-           "peak_mem_mb": _maxrss_mb() - base, "mem_kind": "cpu_maxrss_delta", "loadavg_1min": os.getloadavg()[0]}
+           "peak_mem_mb": _maxrss_mb() - base, "mem_kind": "cpu_maxrss_delta", "loadavg_1min": os.getloadavg()[0],
+           "compiled": compile, "first_step_s": first_step_s}
     if device.startswith("cuda"):
         out.update(peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20, mem_kind="cuda_max_allocated")
     return out
@@ -457,49 +469,76 @@ def machine() -> dict:
 
 
 def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: bool = False,
-        isolate: bool = True, log=print) -> dict:
-    """All measurements; returns the results dict (see ``main`` for the printed table)."""
+        isolate: bool = True, compile: bool = False, parts: tuple = ("train", "generate", "data"),
+        log=print, checkpoint=None) -> dict:
+    """All measurements; returns the results dict (see ``main`` for the printed table). On CUDA the
+    training shape is ``b32`` (CoCa ViT-B/32 widths, batch 256); ``compile`` adds a torch.compile row
+    (one round: compiling takes minutes). ``parts`` selects sections; ``checkpoint(res)`` is called after
+    each measurement so that a run cut short keeps what it measured."""
+    checkpoint = checkpoint or (lambda res: None)
     measure = (lambda *a, **k: isolated(train_measure, *a, **k)) if isolate else train_measure
+    gpu = device.startswith("cuda")
+    loader_workers = [2]
     if smoke:
         train_shapes, steps, warmup, rounds = ["smoke"], 1, 1, 1
         gen_runs, new_tokens = {"smoke": [2]}, 3
         data_batches, data_bs, data_model = 2, 8, "smoke"
+    elif gpu:  # steps of ~0.1-0.3 s: more of them; the first compiled step compiles, hence 3 warm-up steps
+        train_shapes, steps, warmup, rounds = ["b32"], (5 if quick else 15), 3, (1 if quick else 2)
+        gen_runs, new_tokens = ({"b32": [64]} if quick else {"b32": [64, 256], "tiny": [256]}), 20
+        data_batches, data_bs, data_model, loader_workers = (20 if quick else 60), 64, "main", [2, 8]
     else:
         train_shapes, steps, warmup, rounds = ["tiny", "small"], (3 if quick else 5), 2, (1 if quick else 2)
         gen_runs, new_tokens = ({"tiny": [64]} if quick else {"tiny": [64, 256], "small": [64]}), 20
         data_batches, data_bs, data_model = (10 if quick else 30), 64, "main"
     res: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-                 "settings": {"device": device, "flush_denormal": device == "cpu", "bf16": bf16, "quick": quick, "smoke": smoke, "warmup": warmup,
-                              "steps": steps, "rounds": rounds, "isolated": isolate},
+                 "settings": {"device": device, "flush_denormal": device == "cpu", "bf16": bf16, "quick": quick,
+                              "smoke": smoke, "warmup": warmup, "steps": steps, "rounds": rounds, "isolated": isolate,
+                              "fused_adamw": gpu, "compile": compile},
                  "shapes": {n: dataclasses.asdict(SHAPES[n]) for n in set(train_shapes + list(gen_runs) + [data_model])},
-                 "train": {}, "shape_check": {}}
-    for name in train_shapes:
+                 "train": {}, "shape_check": {}, "generate": {}}
+    for name in train_shapes if "train" in parts else []:
         s = SHAPES[name]
         res["shape_check"][name] = {"open_clip": coca_shape(build_coca(s)), "mmstory": mmstory_shape(build_mmstory(s))}
-        runs: dict = {"open_clip": [], "mmstory": []}
-        for r in range(rounds):  # alternate the libraries so background load hits both alike
-            for lib in runs:
-                log(f"[train] {name} {lib} round {r + 1}/{rounds} ...")
-                runs[lib].append(measure(lib, dataclasses.asdict(s), device, bf16, warmup, steps))
-        row = {lib: combine(rs, s.batch) for lib, rs in runs.items()}
-        row["ratio_samples_per_s"] = row["mmstory"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
-        row["ratio_samples_per_s_best"] = row["mmstory"]["samples_per_s_best"] / row["open_clip"]["samples_per_s_best"]
-        # in-process (isolate=False) the RSS peak may predate the model: no memory ratio then
-        oc_mem = row["open_clip"]["peak_mem_mb"]
-        row["ratio_peak_mem"] = row["mmstory"]["peak_mem_mb"] / oc_mem if oc_mem > 0 else None
-        res["train"][name] = row
-    res["generate"] = {}
-    for name, sizes in gen_runs.items():
+        for compiled in [False] + ([True] if compile else []):
+            runs: dict = {"open_clip": [], "mmstory": []}
+            n_rounds = 1 if compiled else rounds
+            for r in range(n_rounds):  # alternate the libraries so background load hits both alike
+                for lib in runs:
+                    t0 = time.perf_counter()
+                    runs[lib].append(measure(lib, dataclasses.asdict(s), device, bf16, warmup, steps,
+                                             compile=compiled))
+                    m = runs[lib][-1]
+                    log(f"[train] {name}{' compiled' if compiled else ''} {lib} round {r + 1}/{n_rounds}: "
+                        f"{s.batch / m['step_s']:.1f} samples/s, peak {m['peak_mem_mb']:.0f} MB, first step "
+                        f"{m['first_step_s']:.1f} s, {time.perf_counter() - t0:.0f} s in all")
+            row = {lib: combine(rs, s.batch) for lib, rs in runs.items()}
+            row["ratio_samples_per_s"] = row["mmstory"]["samples_per_s"] / row["open_clip"]["samples_per_s"]
+            row["ratio_samples_per_s_best"] = (row["mmstory"]["samples_per_s_best"]
+                                               / row["open_clip"]["samples_per_s_best"])
+            # in-process (isolate=False) the RSS peak may predate the model: no memory ratio then
+            oc_mem = row["open_clip"]["peak_mem_mb"]
+            row["ratio_peak_mem"] = row["mmstory"]["peak_mem_mb"] / oc_mem if oc_mem > 0 else None
+            res["train"][f"{name} compiled" if compiled else name] = row
+            checkpoint(res)
+    for name, sizes in gen_runs.items() if "generate" in parts else []:
         log(f"[generate] {name} {sizes} ...")
         res["generate"][name] = generation_bench(SHAPES[name], sizes, new_tokens, device, bf16,
                                                  repeats=1 if smoke or quick else 2)
-    log("[data] loader ...")
-    data = loader_bench(data_batches, batch_size=data_bs)
+        checkpoint(res)
+    if "data" not in parts:
+        return res
     dm = SHAPES[data_model]
     model_rate = combine([measure("mmstory", dataclasses.asdict(dataclasses.replace(dm, batch=data_bs)), device,
                                   bf16, warmup, steps)], data_bs)
-    res["data"] = {"loader": data, "model": data_model, "train": model_rate,
-                   "ratio_loader_over_train": data["samples_per_s"] / model_rate["samples_per_s"]}
+    res["data"] = {"model": data_model, "train": model_rate, "loaders": {}}
+    for w in loader_workers:
+        log(f"[data] loader, {w} workers ...")
+        data = loader_bench(data_batches, batch_size=data_bs, workers=w)
+        res["data"]["loaders"][str(w)] = {**data, "ratio_loader_over_train": data["samples_per_s"] / model_rate["samples_per_s"]}
+    # the main job's loader (2 workers): kept under the old keys
+    res["data"].update(loader=res["data"]["loaders"]["2"],
+                       ratio_loader_over_train=res["data"]["loaders"]["2"]["ratio_loader_over_train"])
     return res
 
 
@@ -533,16 +572,19 @@ def table(res: dict) -> str:
                          f"{r['greedy_cache_over_rerun_full_logits']:.1f}x | {ips['mmstory_beam4_cache']:.1f} | "
                          f"{ips['mmstory_beam4_nocache']:.1f} | {r['beam4_cache_speedup']:.1f}x | "
                          f"{ips['open_clip_greedy_loop']:.1f} | {r['greedy_mmstory_cache_over_open_clip']:.1f}x |")
-    g = next(iter(res["generate"].values()))
-    for kind in ("beam_search", "top_k"):
+    g = next(iter(res["generate"].values()), {"open_clip_generate": {}})
+    for kind in ("beam_search", "top_k") if g["open_clip_generate"] else ():
         r = g["open_clip_generate"][kind]
         lines.append(f"\nopen_clip CoCa.generate({kind}) with transformers {g['open_clip_generate']['transformers']}: "
                      + ("runs" if r["runs"] else f"fails: {r['error']} (cause: "
                                                f"{g['open_clip_generate'].get('import_error')})"))
-    d = res["data"]
-    lines += ["", f"Data: loader {d['loader']['samples_per_s']:.0f} samples/s (start-up {d['loader']['startup_s']:.1f} s) "
-              f"vs '{d['model']}' model training {d['train']['samples_per_s']:.1f} samples/s -> loader/train = "
-              f"{d['ratio_loader_over_train']:.1f}x"]
+    d = res.get("data")
+    loaders = {} if d is None else d.get("loaders") or {"2": {**d["loader"], "ratio_loader_over_train":
+                                                              d["ratio_loader_over_train"]}}
+    for w, ld in loaders.items():
+        lines += ["", f"Data: loader ({w} workers) {ld['samples_per_s']:.0f} samples/s (start-up {ld['startup_s']:.1f} s) "
+                  f"vs '{d['model']}' model training {d['train']['samples_per_s']:.1f} samples/s -> loader/train = "
+                  f"{ld['ratio_loader_over_train']:.1f}x"]
     return "\n".join(lines)
 
 
@@ -553,18 +595,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPU runs)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd training (both libraries)")
+    ap.add_argument("--parts", default="train,generate,data", help="comma-separated sections to run")
     ap.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then mixes models)")
-    ap.add_argument("--profile", choices=["tiny", "small", "main"], help="print torch.profiler tables and exit")
+    ap.add_argument("--profile", choices=["tiny", "small", "main", "b32"], help="print torch.profiler tables and exit")
     args = ap.parse_args(argv)
     if args.profile:
         for lib in ("open_clip", "mmstory"):
             print(f"===== {lib} ({args.profile})")
             print(profile(lib, SHAPES[args.profile], args.device, args.bf16))
         return {}
-    res = run(quick=args.quick, smoke=args.smoke, device=args.device, bf16=args.bf16, isolate=not args.no_isolate)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = run(quick=args.quick, smoke=args.smoke, device=args.device, bf16=args.bf16, isolate=not args.no_isolate,
+              compile=args.compile, parts=tuple(args.parts.split(",")),
+              checkpoint=lambda r: out.write_text(json.dumps(r, indent=1)))
     print(table(res))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    out.write_text(json.dumps(res, indent=1))
     print(f"\nwrote {args.out}")
     return res
 

@@ -59,7 +59,7 @@ class CaptionLoss(nn.Module):
         return out
 
     def _mean(self, ce: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        total, count = ce[keep].sum(), keep.sum()
+        total, count = torch.where(keep, ce, 0.0).sum(), keep.sum()  # no boolean indexing: no host sync
         if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Normalise by the global token count; DDP then averages gradients over ranks, so
             # world_size * sum_local / global_count makes the result equal the single-process mean.
