@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, resolve_shards
+from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mmstory.generation import DecodeOptions
 from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, generate_text, require_encoder)
@@ -137,7 +137,6 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
-    cfg = dataclasses.replace(cfg, workers=min(cfg.workers, len(resolve_shards(split_or_urls))))  # idle workers
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
                           train=False, mean=mean, std=std)

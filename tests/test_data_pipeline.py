@@ -184,6 +184,34 @@ def test_resume_equals_tail_of_full_run(tmp_path):
         assert_same_batches(resumed, full[k:])
 
 
+def test_workers_share_shards_when_they_outnumber_them(tmp_path):
+    """A rank with fewer shards than workers (3 shards, 8 workers): worker w reads shard w % 3, every
+    k-th sample from offset w // 3, so no worker idles and each sample is read once."""
+    from mmstory.data.pipeline import epoch_shards
+
+    parts = [epoch_shards(["a", "b", "c"], seed=0, epoch=0, shuffle=False, rank=0, world_size=1, worker=w,
+                          num_workers=8) for w in range(8)]
+    assert parts == [[("a", 3, 0)], [("b", 3, 0)], [("c", 2, 0)], [("a", 3, 1)], [("b", 3, 1)],
+                     [("c", 2, 1)], [("a", 3, 2)], [("b", 3, 2)]]
+    assert epoch_shards(["a", "b", "c"], seed=0, epoch=0, shuffle=False, rank=0, world_size=1, worker=1,
+                        num_workers=2) == [("b", 1, 0)]  # enough shards: whole shards, as before
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 5 workers on a 2-core CI machine
+def test_more_workers_than_shards_cover_each_sample_once_and_resume(tmp_path):
+    urls = write_shards(tmp_path, 2, [9, 7])
+    c = cfg(workers=5, batch_size=2)
+    loader = build_loader(urls, c, tokenizer=TOK, epoch=1)
+    assert all(n > 0 for n in loader._batches_per_worker())  # no idle worker
+    full = list(loader)
+    assert len(full) == len(loader)
+    seen = Counter(keys(full))
+    assert set(seen) == {f"img{s:02d}_{i:03d}" for s, n in enumerate([9, 7]) for i in range(n)}
+    assert set(seen.values()) == {1}
+    for k in (3, 6):
+        assert_same_batches(list(build_loader(urls, c, tokenizer=TOK, epoch=1, skip_batches=k)), full[k:])
+
+
 def test_resume_resampled(tmp_path):
     urls = write_shards(tmp_path, 2, 5)
     c = cfg(workers=2, resampled=True)

@@ -2,7 +2,8 @@
 
 Stages, all inside each DataLoader worker (the main process only drops empty batches):
 
-    shard list --shuffle(seed, epoch)--> split by DDP rank, then by worker
+    shard list --shuffle(seed, epoch)--> split by DDP rank, then by worker (whole shards; workers share
+      a shard, each taking every k-th sample, when a rank has fewer shards than workers)
       --> tar reading, grouped by key (raw bytes)
       --> sample shuffle buffer (seed, epoch, rank, worker)          [train only]
       --> groups of batch_size raw samples   <- skip_batches drops whole groups here, before decoding
@@ -181,13 +182,30 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
 
 
 def epoch_shards(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool, rank: int,
-                 world_size: int, worker: int, num_workers: int) -> list[Shard]:
-    """The shards one (rank, worker) reads in epoch mode: a global seeded shuffle, then every
-    ``world_size``-th shard for this rank, then every ``num_workers``-th of those for this worker."""
+                 world_size: int, worker: int, num_workers: int) -> list[tuple[Shard, int, int]]:
+    """What one (rank, worker) reads in epoch mode, as ``(shard, stride, offset)``: samples
+    ``offset, offset + stride, ...`` of that shard. A global seeded shuffle, then every
+    ``world_size``-th shard for this rank, then every ``num_workers``-th of those for this worker
+    (stride 1). When the rank has fewer shards than workers (a small dataset on a machine with many
+    cores), workers share shards instead of idling: worker ``w`` reads shard ``w % n`` and keeps every
+    k-th sample from offset ``w // n``, k being the number of workers on that shard. Every sample is
+    still read by exactly one worker."""
     order = list(shards)
     if shuffle:
         random.Random(stable_seed("shards", seed, epoch)).shuffle(order)
-    return order[rank::world_size][worker::num_workers]
+    mine = order[rank::world_size]
+    n = len(mine)
+    if n == 0 or n >= num_workers:
+        return [(s, 1, 0) for s in mine[worker::num_workers]]
+    return [(mine[worker % n], len(range(worker % n, num_workers, n)), worker // n)]
+
+
+class _SilentStats:
+    """Shard-level problems (unreadable or truncated tar) of a shard that several workers share are
+    reported once, by the worker reading it from offset 0; the others read it with this."""
+
+    def bad(self, *args) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -354,11 +372,12 @@ class ShardStream(IterableDataset):
         """Raw samples with the tuple their per-sample RNG is seeded from."""
         cfg = self.cfg
         if not cfg.resampled:
-            for shard in epoch_shards(self.shards, seed=cfg.seed, epoch=self.epoch, shuffle=self.train,
-                                      rank=self.rank, world_size=self.world_size, worker=worker,
-                                      num_workers=num_workers):
-                for raw in iter_tar(shard.url, stats):
-                    yield raw, (cfg.seed, self.epoch, raw["__key__"])
+            for shard, stride, offset in epoch_shards(
+                    self.shards, seed=cfg.seed, epoch=self.epoch, shuffle=self.train, rank=self.rank,
+                    world_size=self.world_size, worker=worker, num_workers=num_workers):
+                for i, raw in enumerate(iter_tar(shard.url, stats if offset == 0 else _SilentStats())):
+                    if i % stride == offset:
+                        yield raw, (cfg.seed, self.epoch, raw["__key__"])
             return
         # resampled: an infinite stream of shards drawn with replacement from this worker's own RNG;
         # the draw number goes into the sample seed so a repeated sample gets a new augmentation
@@ -474,13 +493,13 @@ class Loader:
             return [None] * self.num_workers
         out = []
         for w in range(self.num_workers):
-            shards = epoch_shards(ds.shards, seed=cfg.seed, epoch=ds.epoch, shuffle=ds.train, rank=ds.rank,
-                                  world_size=ds.world_size, worker=w, num_workers=self.num_workers)
-            counts = [self._shard_samples(s) for s in shards]
+            parts = epoch_shards(ds.shards, seed=cfg.seed, epoch=ds.epoch, shuffle=ds.train, rank=ds.rank,
+                                 world_size=ds.world_size, worker=w, num_workers=self.num_workers)
+            counts = [self._shard_samples(s) for s, _, _ in parts]
             if any(c is None for c in counts):
                 out.append(None)
                 continue
-            n = sum(counts)
+            n = sum(len(range(offset, c, stride)) for c, (_, stride, offset) in zip(counts, parts))
             out.append(n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size))
         return out
 
@@ -547,9 +566,8 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer, train=train,
                           rank=rank, world_size=world_size, epoch=epoch, mean=mean, std=std)
-    if not cfg.resampled and len(shards) < world_size * max(1, cfg.workers):
-        log.warning("%d shards for %d ranks x %d workers: some workers get no data", len(shards),
-                    world_size, max(1, cfg.workers))
+    if not cfg.resampled and len(shards) < world_size:
+        log.warning("%d shards for %d ranks: some ranks get no data", len(shards), world_size)
     return Loader(dataset, cfg, skip_batches=skip_batches)
 
 
