@@ -52,7 +52,7 @@ def random_init_overrides(cfg: TrainConfig) -> list[str]:
 def test_every_experiment_is_collected():
     names = {p.stem for p in EXPERIMENTS}
     assert {"emoji_tiny", "coco_captioning", "cc3m_coca_pretrain", "vqav2_finetune", "audiocaps_clotho",
-            "emoji_vit_s_gpu", *ABLATION} <= names
+            "emoji_vit_s_gpu", "emoji_tiny_image_only", *ABLATION} <= names
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -117,6 +117,13 @@ def test_fusion_ablation_arms_differ_only_in_the_fusion():
     assert arms["emoji_fusion_concat"] == base, "the ablation arms drifted from experiments/emoji_tiny.yaml"
     assert [f["name"] for f in fusions.values()] == ["concat", "weighted", "cross_attention"]
     assert fusions["emoji_fusion_concat"] == tiny["model"]["fusion"]
+
+
+def test_image_only_arm_is_the_main_job_without_audio_data():
+    tiny, arm = load_yaml(experiment("emoji_tiny")), load_yaml(experiment("emoji_tiny_image_only"))
+    assert arm.pop("data") == {**tiny.pop("data"), "train": {"image": "train"}, "weights": {"image": 1.0},
+                               "val": ["val_style", "val_novel"]}
+    assert "name" not in arm and {k: v for k, v in tiny.items() if k != "name"} == arm
 
 
 # ------------------------------------------------------------------------------------------- tiny runs

@@ -11,8 +11,8 @@ decoder's), the optimiser (AdamW, the main job's lr / warmup / weight decay / cl
 CoCa's cosine runs over its wall-clock budget since its step count is not known in advance), the
 wall-clock training budget, the threads, and the evaluation: both models go through
 ``mmstory.evaluate.evaluate`` on val_style and val_novel with greedy decoding, so every number comes from
-the same code. CoCa gets only image batches (it has no audio tower); mmstory spends a quarter of its
-batches on audio, as its config says.
+the same code. CoCa gets only image batches (it has no audio tower); the main job spends a third of its
+batches on audio (``experiments/emoji_tiny_image_only.yaml`` is the main job on the image shards alone).
 """
 from __future__ import annotations
 
