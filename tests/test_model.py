@@ -242,3 +242,12 @@ def test_training_forward_traces_as_one_graph_for_torch_compile():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda b: model(b)["loss"])(batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_decoder_rejects_sequences_longer_than_max_len(tiny_model):
+    dec = tiny_model.decoder  # max_len 48
+    memory = torch.zeros(1, 3, dec.tok.embedding_dim)
+    with pytest.raises(ValueError, match="decoder position 48 exceeds max_len 48"):
+        dec(torch.ones(1, 49, dtype=torch.long), memory)
+    with pytest.raises(ValueError, match="decoder position 50 exceeds max_len 48"):
+        dec.features(torch.ones(1, 1, dtype=torch.long), memory, positions=torch.tensor([[50]]))
