@@ -35,7 +35,7 @@ from mmstory.model import MultimodalModel, build_model
 class DataSpec:
     manifest: str = "data_manifests/emoji.json"
     train: dict[str, str] = field(default_factory=lambda: {"image": "train", "audio": "audio_train"})
-    # how the sources interleave; each epoch still uses every batch of each (MixedLoader)
+    # epoch mode: how the sources interleave (each epoch uses every batch of each); resampled: their shares
     weights: dict[str, float] = field(default_factory=lambda: {"image": 3.0, "audio": 1.0})
     val: list[str] = field(default_factory=lambda: ["val_style", "val_novel", "audio_val_novel"])
     loader: DataConfig = field(default_factory=DataConfig)

@@ -296,3 +296,19 @@ def test_manifest_split_input(tmp_path):
     loader = build_loader(split, cfg(workers=2), tokenizer=TOK)
     batches = list(loader)
     assert len(loader) == len(batches) and len(keys(batches)) == 12
+
+
+def test_mixer_weights_interleave_epochs_and_set_shares_when_resampled():
+    """Epoch mode: every batch of each source once per epoch, so the share is the batch counts'
+    whatever the weights. Resampled (unbounded) sources: the weights are the shares."""
+    import math
+    from itertools import islice
+
+    from mmstory.data.pipeline import MixedLoader
+
+    mixer = MixedLoader({"image": None, "audio": None}, {"image": 3.0, "audio": 1.0})
+    epoch = list(mixer._choices({"image": 41, "audio": 20}))
+    assert Counter(epoch) == {"image": 41, "audio": 20}
+    assert Counter(epoch[:40])["image"] > 25  # interleaved by weight while both have batches
+    draws = Counter(islice(mixer._choices({"image": math.inf, "audio": math.inf}), 4000))
+    assert abs(draws["image"] / 4000 - 0.75) < 0.03

@@ -576,9 +576,10 @@ class MixedLoader:
     """Interleave batches of several loaders (e.g. image and audio streams). At each step a source is
     drawn with probability proportional to its weight from an RNG seeded by (seed, epoch); a source
     that runs out leaves the draw. Each batch comes whole from one source, so modalities never mix
-    inside a batch. An epoch uses every batch of every (epoch-mode) source once, so the weights set how
+    inside a batch. In epoch mode an epoch uses every batch of every source once, so the weights set how
     the sources interleave, not their share of the steps: that is their batch counts (e.g. 41 image and
-    20 audio batches for the bundled emoji splits at batch 64, whatever the weights)."""
+    20 audio batches for the bundled emoji splits at batch 64, whatever the weights). With resampled
+    (infinite) sources the weights are the shares."""
 
     def __init__(self, loaders: dict[str, Loader], weights: dict[str, float], *, seed: int = 0, epoch: int = 0):
         if set(weights) != set(loaders) or not all(w > 0 for w in weights.values()):
