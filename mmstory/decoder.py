@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from mmstory.encoders.base import pretrained_error
-from mmstory.layers import CrossBlock, KVCache, init_weights
+from mmstory.layers import CrossBlock, KVCache, init_weights, unless_all_true
 
 
 LAST = (slice(None), -1)  # ``select`` for every row's last position
@@ -76,8 +76,7 @@ class TextDecoder(nn.Module):
             S = key_mask.shape[1]
             causal = torch.arange(S, device=tokens.device)[None, :] <= torch.arange(past, past + T, device=tokens.device)[:, None]
             attn_mask = key_mask[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
-        if memory_mask is not None and not torch.compiler.is_compiling() and bool(memory_mask.all()):
-            memory_mask = None
+        memory_mask = unless_all_true(memory_mask)  # once here, not in every layer's cross-attention
         x = self.drop(self.tok(tokens) + self.pos(positions))
         for i, block in enumerate(self.blocks):
             layer_cache = cache[i] if cache is not None else None

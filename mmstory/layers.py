@@ -56,12 +56,19 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, H * hd)
 
 
-def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, S) bool -> (B, 1, 1, S) for SDPA; None when every key is real (keeps fast kernels). That check
-    reads the mask on the host; under torch.compile it is skipped (a graph break) and the mask is kept."""
+def unless_all_true(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when every entry of a bool mask is True, so attention runs unmasked (faster kernels). The
+    check reads the mask on the host; under torch.compile it is skipped (a graph break) and the mask
+    kept. Call it once before a stack of layers that share the mask: each call is a host sync."""
     if mask is None or (not torch.compiler.is_compiling() and bool(mask.all())):
         return None
-    return mask[:, None, None, :]
+    return mask
+
+
+def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) bool -> (B, 1, 1, S) for SDPA; None when every key is real (``unless_all_true``)."""
+    mask = unless_all_true(mask)
+    return None if mask is None else mask[:, None, None, :]
 
 
 class SelfAttention(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mmstory.fusion.common import Features, ModalityEmbedding
-from mmstory.layers import CrossBlock, init_weights, key_padding_mask
+from mmstory.layers import CrossBlock, init_weights, key_padding_mask, unless_all_true
 
 
 class CrossAttentionFusion(nn.Module):
@@ -35,7 +35,7 @@ class CrossAttentionFusion(nn.Module):
                 queries.append(self.modality(m, inputs[m][0]))
                 masks.append(inputs[m][1])
         x, mask = torch.cat(queries, dim=1), torch.cat(masks, dim=1)
-        attn_mask = key_padding_mask(mask)
+        attn_mask, memory_mask = key_padding_mask(mask), unless_all_true(memory_mask)  # once, not per layer
         for block in self.blocks:
             x = block(x, memory, memory_mask=memory_mask, attn_mask=attn_mask)
         return {"tokens": self.ln(x), "mask": mask}
