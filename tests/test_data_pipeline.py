@@ -111,6 +111,9 @@ def test_batch_format_and_masks(tmp_path):
         assert (b["tokens"][i][len(toks):] == TOK.pad_id).all()
         head = 1 + len(TOK.encode(prompt))
         assert TOK.decode(toks[1:head]) == prompt
+        # the scored prompt tokens are the question's, never the template's ("question:", "answer:", "caption:")
+        filled = TOK.decode(b["tokens"][i][b["prompt_filled_mask"][i]].tolist())
+        assert filled == (" what color is it?" if task == "qa" else "")
         # target_mask covers exactly the target tokens and the final eos
         target = b["tokens"][i][b["target_mask"][i]].tolist()
         assert b["target_mask"][i].nonzero().flatten().tolist() == list(range(head, len(toks)))

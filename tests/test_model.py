@@ -44,6 +44,52 @@ def test_contrastive_label_smoothing_matches_formula():
     torch.testing.assert_close(loss({"embeds": {"a": x, "b": y}}, {})["contrastive_a_b_loss"], expected)
 
 
+def test_contrastive_detach_trains_only_the_other_side():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    plain = ContrastiveLoss(pairs=[["a", "b"]])
+    fixed = ContrastiveLoss(pairs=[["a", "b"]], detach={"a_b": "b"})
+    embeds = lambda: {"a": F.normalize(x, dim=-1), "b": F.normalize(y, dim=-1)}  # noqa: E731
+    ga = torch.autograd.grad(plain({"embeds": embeds()}, {})["contrastive_a_b_loss"], x)[0]
+    loss = fixed({"embeds": embeds()}, {})["contrastive_a_b_loss"]
+    torch.testing.assert_close(loss, plain({"embeds": embeds()}, {})["contrastive_a_b_loss"])
+    loss.backward()
+    torch.testing.assert_close(x.grad, ga)  # the free side gets the same gradient
+    assert y.grad is None                   # the fixed side none
+    assert fixed.logit_scale.grad is not None
+
+
+def test_contrastive_detach_names_bad_pair_or_side():
+    with pytest.raises(ValueError, match="'audio_image' is not a pair"):
+        ContrastiveLoss(pairs=[["audio", "text"]], detach={"audio_image": "text"})
+    with pytest.raises(ValueError, match="'image' is not one of its sides"):
+        ContrastiveLoss(pairs=[["audio", "text"]], detach={"audio_text": "image"})
+
+
+def test_prompt_weight_scores_only_the_filled_in_question():
+    """A batch from the data pipeline says which prompt tokens were filled in (the question); the caption
+    loss's prompt term and the model's fast path score those and not the template's words."""
+    from mmstory.data.pipeline import collate
+    from mmstory.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    samples = [dict(__key__="k", image=torch.zeros(3, 8, 8), caption="a cat", question="is it red?", task="qa",
+                    prompt="question: is it red? answer:", prompt_filled=("question:", "question: is it red?"),
+                    target="no", references=["no"], meta={})]
+    batch = collate(samples, tok)
+    V, S = tok.vocab_size, batch["tokens"].shape[1]
+    logits = torch.randn(1, S, V)
+    loss = CaptionLoss(prompt_weight=1.0)
+    got = loss({"logits": logits}, batch)["caption_prompt_loss"]
+    # by hand: positions t whose next token t + 1 is one of the question's tokens
+    head = 1 + len(tok.encode("question:"))
+    positions = list(range(head - 1, head - 1 + len(tok.encode(" is it red?"))))
+    want = F.cross_entropy(logits[0, positions], batch["tokens"][0, [t + 1 for t in positions]])
+    torch.testing.assert_close(got, want)
+    hand_built = {k: v for k, v in batch.items() if k != "prompt_filled_mask"}  # old rule: all prompt tokens
+    assert loss({"logits": logits}, hand_built)["caption_prompt_loss"] != got
+
+
 def test_caption_loss_counts_only_targets():
     torch.manual_seed(0)
     V = 11

@@ -31,6 +31,8 @@ Batch format (B samples, L text tokens, S decoder tokens, T audio samples):
     tokens       long (B, S)           [bos] prompt " target" [eos], right-padded with pad_id
     tokens_mask  bool (B, S)
     target_mask  bool (B, S)           True exactly at the target tokens and the final eos
+    prompt_filled_mask bool (B, S)     True at the prompt tokens filled in from the sample (a QA
+                                       sample's question), not the template's words
     task, prompt list[str]; references list[list[str]]; meta list[dict]
 """
 from __future__ import annotations
@@ -321,6 +323,20 @@ def decoder_sequence(tokenizer: Tokenizer, prompt: str, target: str, max_tokens:
     return head + body + [tokenizer.eos_id], len(head)
 
 
+def filled_span(tokenizer: Tokenizer, prompt: str, filled: tuple[str, str]) -> tuple[int, int]:
+    """Token positions [start, end) of the filled-in part of ``prompt`` (see ``SampleDecoder``) within
+    ``[bos] + encode(prompt)``: the tokens of ``filled[1]`` not already in those of ``filled[0]``. Empty
+    when nothing was filled in, or when the tokenizer merges across the boundaries (then it cannot be
+    told apart from the template, and scoring nothing is safer than scoring template words)."""
+    before, upto = filled
+    if not upto:
+        return 0, 0
+    ids, head, full = tokenizer.encode(prompt), tokenizer.encode(before), tokenizer.encode(upto)
+    if ids[:len(full)] != full or full[:len(head)] != head:
+        return 0, 0
+    return 1 + len(head), 1 + len(full)
+
+
 def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Tokenizer | None = None, *,
             max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False) -> dict[str, Any]:
     """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring)."""
@@ -346,7 +362,10 @@ def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Token
     tokens, tokens_mask = pad_sequences(seqs, tokenizer.pad_id)  # (B, S)
     positions = torch.arange(tokens.shape[1])
     target_mask = (positions[None, :] >= torch.tensor(heads)[:, None]) & tokens_mask
-    batch.update(tokens=tokens, tokens_mask=tokens_mask, target_mask=target_mask,
+    spans = torch.tensor([filled_span(tokenizer, s["prompt"], s.get("prompt_filled", ("", ""))) for s in samples])
+    filled_mask = ((positions[None, :] >= spans[:, :1]) & (positions[None, :] < spans[:, 1:])
+                   & ~target_mask & tokens_mask)  # a prompt cut by max_tokens keeps what is left
+    batch.update(tokens=tokens, tokens_mask=tokens_mask, target_mask=target_mask, prompt_filled_mask=filled_mask,
                  task=[s["task"] for s in samples], prompt=[s["prompt"] for s in samples],
                  references=[list(s["references"]) for s in samples], meta=[s["meta"] for s in samples])
     return batch

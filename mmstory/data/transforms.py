@@ -162,7 +162,11 @@ class SampleDecoder:
     """Raw sample -> decoded sample dict (the input of ``collate``)::
 
         {"__key__", "image": (3, H, W)?, "audio": (T,)?, "audio_mask": (T,)?, "caption": str,
-         "question": str, "task": str, "prompt": str, "target": str, "references": [str], "meta": dict}
+         "question": str, "task": str, "prompt": str, "prompt_filled": (str, str), "target": str,
+         "references": [str], "meta": dict}
+
+    ``prompt_filled`` is (the prompt text before the filled-in question, the prompt text up to the
+    question's end), both ("", "") for a prompt with nothing filled in ("caption:").
 
     Raises BadSample(reason, detail) for data it cannot use.
     """
@@ -224,6 +228,12 @@ class SampleDecoder:
         else:
             references = captions if task == "caption" else captions_zh
             target = pick(references)
+        template = cfg.prompts[task]
+        prompt = template.format(question=question)
+        # the prompt's part filled in from the sample (the question), as the prompt text up to its end:
+        # the caption loss's prompt_weight scores those tokens and never the template's own words
+        before = template.split("{question}")[0]
+        filled = (before.rstrip(), before + question) if "{question}" in template else ("", "")
         out.update(caption=pick(captions) if captions else "", question=question, task=task,
-                   prompt=cfg.prompts[task].format(question=question), target=target, references=references)
+                   prompt=prompt, prompt_filled=filled, target=target, references=references)
         return out

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 
 def prompt_mask(batch: dict) -> torch.Tensor:
-    """(B, S) True at real prompt tokens after BOS (the question of a QA sample, "caption:" ...)."""
+    """(B, S) True at the prompt tokens the caption loss's ``prompt_weight`` scores: those filled in from
+    the sample (a QA sample's question: ``prompt_filled_mask``, which the data pipeline writes), never the
+    template's own words ("question:", "answer:", "caption:"). Scoring those taught the decoder to write
+    "answer" into captions (experiments/README.md). A batch without ``prompt_filled_mask`` (built by hand)
+    scores every prompt token after BOS."""
+    if "prompt_filled_mask" in batch:
+        return batch["prompt_filled_mask"]
     mask = batch["tokens_mask"] & ~batch["target_mask"]
     mask[:, 0] = False  # nothing predicts BOS
     return mask

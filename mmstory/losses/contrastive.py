@@ -46,16 +46,28 @@ class ContrastiveLoss(nn.Module):
     mean of CE(s * a @ b_all.T) and CE(s * b @ a_all.T) with s = exp(logit_scale) clamped to
     ``max_logit_scale``. Under DDP each rank scores its own rows against the global batch (labels
     offset by rank), so the summed gradients equal those of the global-batch loss.
+
+    ``detach`` maps a pair's name ``"<a>_<b>"`` to the side that is a fixed target for that pair: its
+    embedding is detached there, so the pair trains only the other side's encoder (ImageBind's recipe:
+    audio is aligned to a text space that image-text pairs train, and the text tower gets no gradient
+    from audio it cannot yet hear). The temperature is still learned from every pair.
     Returns ``{"contrastive_<a>_<b>_loss": ...}`` per pair present."""
 
     def __init__(self, *, pairs: list[list[str]] = (("image", "text"), ("audio", "text")),
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0, label_smoothing: float = 0.0,
-                 learn_temperature: bool = True):
+                 learn_temperature: bool = True, detach: dict[str, str] | None = None):
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         bad = [p for p in self.pairs if len(p) != 2]
         if bad:
             raise ValueError(f"contrastive pairs must name two modalities each; got {bad}")
+        self.detach = dict(detach or {})
+        names = {f"{a}_{b}": (a, b) for a, b in self.pairs}
+        for key, side in self.detach.items():
+            if key not in names:
+                raise ValueError(f"contrastive detach: '{key}' is not a pair; pairs: {sorted(names)}")
+            if side not in names[key]:
+                raise ValueError(f"contrastive detach: '{key}': '{side}' is not one of its sides {list(names[key])}")
         # shape (1,), not a scalar: FSDP2 cannot shard 0-d parameters
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)),
                                         requires_grad=learn_temperature)
@@ -81,5 +93,11 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         embeds = outputs.get("embeds", {})
-        return {f"contrastive_{a}_{b}_loss": self.pair_loss(embeds[a], embeds[b])
-                for a, b in self.pairs if a in embeds and b in embeds}
+        out = {}
+        for a, b in self.pairs:
+            if a in embeds and b in embeds:
+                fixed = self.detach.get(f"{a}_{b}")
+                ea, eb = embeds[a], embeds[b]
+                out[f"contrastive_{a}_{b}_loss"] = self.pair_loss(ea.detach() if fixed == a else ea,
+                                                                   eb.detach() if fixed == b else eb)
+        return out
