@@ -7,6 +7,9 @@ PY := .venv/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .venv/.installed: pyproject.toml
+	@# torch's CUDA build makes the venv ~6.5 GB; say so up front instead of pip's "No space left on device".
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 8 ]; then \
+	  echo "make: the environment needs ~8 GB free disk in $$(pwd) (torch's CUDA build); $$free GB free" >&2; exit 1; fi
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 import bench  # noqa: E402
 
 from mmstory.losses.captioning import CaptionLoss  # noqa: E402
@@ -85,6 +87,8 @@ def test_time_to_quality_smoke(tmp_path):
             assert 0.0 <= h["vqa_accuracy"] <= 1.0 and h["CIDEr"] >= 0.0 and 0.0 <= h["image_to_text_R@1"] <= 1.0
     assert res["train"]["open_clip_coca"]["steps"] >= 1 and res["train"]["mmstory"]["steps"] >= 1
     assert (tmp_path / "ttq" / "results.json").is_file()
+    main_job = yaml.safe_load((ROOT / "experiments/emoji_tiny.yaml").read_text())
+    assert res["precision"] == main_job.get("precision", "fp32")  # both models train at the main job's precision
     again = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq2"),
                                   "--mmstory-run", str(tmp_path / "ttq" / "mmstory")])
     reused = again["train"]["mmstory:mmstory"]

@@ -212,3 +212,35 @@ def test_lr_factor_warmup_cosine_and_progress_override():
     assert lr_factor(60, cfg, progress=0.5) == lr_factor(60, cfg)
     assert lr_factor(20, cfg, progress=1.0) == pytest.approx(0.1) == lr_factor(20, cfg, progress=3.0)
     assert lr_factor(5, cfg, progress=1.0) == pytest.approx(0.6)  # warmup is by steps
+
+
+def test_cpu_bf16_autocast_training_step_close_to_fp32():
+    """The main job trains under bf16 autocast on the CPU: losses stay within bf16 rounding of fp32 and
+    every gradient is finite (the image, audio and question paths included)."""
+    from mmstory.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(fusion="cross_attention")).train()
+    batch = make_batch(model, B=4, question=True)
+    ref = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(batch)
+    for key in ("loss", "caption_loss", "contrastive_image_text_loss", "contrastive_audio_text_loss"):
+        torch.testing.assert_close(low[key].float(), ref[key], atol=0.05, rtol=0.02, msg=key)
+    low["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_warning_only_on_x86_without_native_bf16(monkeypatch):
+    import mmstory.train as tr
+
+    monkeypatch.setattr(tr.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert tr.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert tr.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(tr.platform, "machine", lambda: "aarch64")
+    assert tr.cpu_has_native_bf16() is True  # not checked on other CPU families

@@ -9,6 +9,7 @@ batch size, augmentation, prompts and BPE vocabulary), the sizes (CoCa's ViT, te
 decoder get the main job's image size, patch, widths, depths and heads; its context length is the
 decoder's), the optimiser (AdamW, the main job's lr / warmup / weight decay / clipping / loss weights;
 CoCa's cosine runs over its wall-clock budget since its step count is not known in advance), the
+precision (the main job's: bf16 autocast or fp32), the
 wall-clock training budget, the threads, and the evaluation: both models go through
 ``mmstory.evaluate.evaluate`` on val_style and val_novel with greedy decoding, so every number comes from
 the same code. CoCa gets only image batches (it has no audio tower); the main job spends a third of its
@@ -17,6 +18,7 @@ batches on audio (``experiments/emoji_tiny_image_only.yaml`` is the main job on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -134,6 +136,11 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
+    if cfg.precision == "fp16":
+        raise ValueError("time_to_quality trains on the CPU: precision 'fp16' (which needs a grad scaler) is not "
+                         "supported here; use bf16 or fp32")
+    bf16 = cfg.precision == "bf16"  # as open_clip's --precision amp_bf16
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     log = (out_dir / "coca_metrics.jsonl").open("w")
     step, epoch, t0, samples = 0, 0, time.perf_counter(), 0
     coca.train()
@@ -143,10 +150,11 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
         for batch in loader:
             for group in opt.param_groups:
                 group["lr"] = lr_now(step, time.perf_counter() - t0)
-            out = coca(batch["image"], batch["tokens"])
-            losses = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                             out["logit_scale"])
-            loss = sum(losses)
+            with autocast():
+                out = coca(batch["image"], batch["tokens"])
+                losses = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                 out["logit_scale"])
+                loss = sum(losses)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip > 0:
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for split in ("val_style", "val_novel")}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "minutes_each": args.minutes, "max_samples": args.max_samples,
-        "config": args.config, "decoding": "greedy",
+        "config": args.config, "decoding": "greedy", "precision": cfg.precision,
         "train": trained,
         "params_M": {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()},
         "headline": {name: headline(r) for name, r in results.items()},
