@@ -87,6 +87,9 @@ class ModelConfig:
         "caption": LossSpec("caption", 2.0),
     })
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    # QA also fuses the question's text-encoder tokens with the media (recorded by the trainer from
+    # data.loader.fuse_question, so a saved model answers the way it was trained)
+    fuse_question: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------

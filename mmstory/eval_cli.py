@@ -154,7 +154,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="caption,qa,retrieval,zeroshot", help="comma-separated (default: all)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
     p.add_argument("--examples", type=int, default=16, help="examples shown in the report (default: 16)")
-    p.add_argument("--fuse-question", action="store_true", help="the model was trained with data.fuse_question")
+    p.add_argument("--fuse-question", action=argparse.BooleanOptionalAction, default=None,
+                   help="give questions to the fusion too (default: as the model was trained, from its config)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _decode_args(p)
     p.set_defaults(func=cmd_eval)

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mmstory.generation import DecodeOptions
-from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, generate_text, require_encoder)
+from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, fuses_question, generate_text,
+                               require_encoder)
 from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy, zero_shot_accuracy
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ def _split_name(split_or_urls: Any) -> str:
 def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[str] = TASKS,
              max_samples: int | None = None, decode: DecodeOptions = DecodeOptions(max_new_tokens=20),
              batch_size: int = 32, data: DataConfig | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
-             fuse_question: bool = False, meteor: bool | None = None, keep_images: int = 16,
+             fuse_question: bool | None = None, meteor: bool | None = None, keep_images: int = 16,
              device: str | torch.device | None = None, progress: bool = True, name: str | None = None) -> dict:
     """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths).
 
@@ -121,7 +122,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         max_samples: stop after this many samples (the first ones of the split, in shard order).
         decode: decoding for captions and answers. data: the training ``DataConfig`` (its prompts and
             audio_seconds are used; image size, sample rate and augmentation are set for eval).
-        fuse_question: also give questions to the fusion (models trained with ``data.fuse_question``).
+        fuse_question: also give questions to the fusion; None = as the model was trained (its config).
         meteor: compute METEOR (needs Java); None = when Java is available.
         keep_images: how many sample images to keep (uint8 thumbnails) for ``write_report``.
 
@@ -129,6 +130,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     key, modality, references, caption, qa [{question, answers, type, prediction, accuracy}], label,
     zeroshot], "images": {key: uint8 (H, W, 3)}}``. Tasks without data in the split are left out of
     ``metrics``."""
+    if fuse_question is None:
+        fuse_question = fuses_question(model)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown evaluation task(s) {unknown}; valid tasks: {', '.join(TASKS)}")

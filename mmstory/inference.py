@@ -346,12 +346,20 @@ def caption(model: "MultimodalModel", images: ImageInput | Sequence[ImageInput] 
     return generate_text(model, inputs, [prompt] * n, batch_size=batch_size, **decode)
 
 
+def fuses_question(model) -> bool:
+    """Whether ``model`` was trained with the question fused with the media (its config records it)."""
+    return bool(getattr(getattr(model, "config", None), "fuse_question", False))
+
+
 def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=None, audio=None,
-           sample_rate: int | None = None, audio_seconds: float | None = None, fuse_question: bool = False,
+           sample_rate: int | None = None, audio_seconds: float | None = None, fuse_question: bool | None = None,
            batch_size: int = 32, device: str | torch.device | None = None, **decode) -> str | list[str]:
     """Answer ``question`` about an image, an audio clip, or both, with the prompt
     ``question: {q} answer:``. One question for one input returns a str; otherwise a list, with a single
-    question or a single input broadcast over the other."""
+    question or a single input broadcast over the other. ``fuse_question`` (default: as the model was
+    trained) also gives the question to the fusion."""
+    if fuse_question is None:
+        fuse_question = fuses_question(model)
     _on_device(model, device)
     inputs, n = _media_inputs(model, image, audio, sample_rate=sample_rate, audio_seconds=audio_seconds)
     questions = [question] if isinstance(question, str) else list(question)

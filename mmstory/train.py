@@ -266,6 +266,10 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    if cfg.model.fuse_question and not cfg.data.loader.fuse_question:
+        raise ValueError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
+                         "(the loader makes the fused question); set data.loader.fuse_question: true instead")
+    cfg.model.fuse_question = cfg.data.loader.fuse_question  # saved with the model: inference answers the same way
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     if world > 1 and not cfg.data.loader.resampled:

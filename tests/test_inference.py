@@ -267,3 +267,25 @@ def test_commands(checkpoint, model, tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="missing.png"):
         main(["caption", str(tmp_path / "missing.png"), "--checkpoint", checkpoint])
+
+
+def test_answer_fuses_the_question_as_the_model_was_trained(tmp_path, monkeypatch):
+    """A model trained with data.loader.fuse_question records it in its config; answer() and evaluate()
+    then fuse the question by default, and an explicit argument still wins."""
+    cfg = tiny_config()
+    cfg.fuse_question = True
+    build_model(cfg).save(tmp_path / "fused")
+    fused = mmstory.load(tmp_path / "fused")
+    assert fused.config.fuse_question is True
+    seen = []
+    real = inference.generate_text
+
+    def spy(model, inputs, prompts, **kw):
+        seen.append(kw.get("fuse_question"))
+        return real(model, inputs, prompts, **kw)
+
+    monkeypatch.setattr(inference, "generate_text", spy)
+    fused.answer(image=_image(0), question="is this red?", **DECODE)
+    fused.answer(image=_image(0), question="is this red?", fuse_question=False, **DECODE)
+    assert seen == [["is this red?"], None]
+    assert inference.fuses_question(build_model(tiny_config())) is False

@@ -244,3 +244,12 @@ def test_bf16_warning_only_on_x86_without_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(tr.platform, "machine", lambda: "aarch64")
     assert tr.cpu_has_native_bf16() is True  # not checked on other CPU families
+
+
+def test_fused_question_is_recorded_in_the_saved_model(tmp_path):
+    res = run_cli(tiny_train_config(tmp_path / "run", steps=1, **{"data.loader.fuse_question": True}), tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "run" / "model" / "config.yaml").read_text())
+    assert saved["fuse_question"] is True
+    bad = run_cli(tiny_train_config(tmp_path / "bad", steps=1, **{"model.fuse_question": True}), tmp_path)
+    assert bad.returncode != 0 and "set data.loader.fuse_question: true" in bad.stderr
