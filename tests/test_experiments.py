@@ -103,13 +103,13 @@ def test_vit_s_gpu_config_is_what_it_says():
 
 def test_fusion_ablation_arms_differ_only_in_the_fusion():
     """Full copies by design (no includes), so this test is what keeps them equal: each arm is
-    emoji_tiny with another fusion, the question fused in every arm, and no fixed run name."""
+    emoji_tiny with another fusion (the question fused in every arm, as in the main job), and no fixed run name."""
     tiny = load_yaml(experiment("emoji_tiny"))
     arms = {name: load_yaml(experiment(name)) for name in ABLATION}
     fusions = {}
     for name, arm in arms.items():
         fusions[name] = arm["model"].pop("fusion")
-        assert arm["data"]["loader"].pop("fuse_question") is True, name
+        assert arm["data"]["loader"]["fuse_question"] is True, name
         assert "name" not in arm, f"{name}: leave the name out so the run is named after the file"
     assert arms["emoji_fusion_concat"] == arms["emoji_fusion_weighted"] == arms["emoji_fusion_cross_attention"]
     base = {k: v for k, v in tiny.items() if k != "name"}
