@@ -92,5 +92,6 @@ def test_time_to_quality_smoke(tmp_path):
     again = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq2"),
                                   "--mmstory-run", str(tmp_path / "ttq" / "mmstory")])
     reused = again["train"]["mmstory:mmstory"]
-    assert reused["steps"] == res["train"]["mmstory"]["steps"] and reused["fuse_question"] is False
+    assert reused["steps"] == res["train"]["mmstory"]["steps"]
+    assert reused["fuse_question"] is main_job["data"]["loader"].get("fuse_question", False) is True  # the main job fuses it
     assert again["headline"]["mmstory:mmstory"] == res["headline"]["mmstory"]
