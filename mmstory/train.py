@@ -124,6 +124,12 @@ def cpu_has_native_bf16() -> bool:
     return any(check() for check in checks if check is not None) or all(c is None for c in checks)
 
 
+def autocast_for(precision: str, device_type: str):
+    """A factory of the autocast context for ``precision`` (fp32: no autocast) on ``device_type``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else nullcontext
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -348,8 +354,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         model = torch.compile(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg), last_epoch=step - 1)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    autocast = autocast_for(cfg.precision, device.type)
 
     def batches():
         """Endless batch stream; (epoch, batch_in_epoch) say where it is, so a resume continues exactly."""

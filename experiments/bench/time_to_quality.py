@@ -18,7 +18,6 @@ batches on audio (``experiments/emoji_tiny_image_only.yaml`` is the main job on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -118,7 +117,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import build_data, lr_factor, param_groups, seed_everything
+    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -139,8 +138,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     if cfg.precision == "fp16":
         raise ValueError("time_to_quality trains on the CPU: precision 'fp16' (which needs a grad scaler) is not "
                          "supported here; use bf16 or fp32")
-    bf16 = cfg.precision == "bf16"  # as open_clip's --precision amp_bf16
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = autocast_for(cfg.precision, "cpu")  # bf16: as open_clip's --precision amp_bf16
     log = (out_dir / "coca_metrics.jsonl").open("w")
     step, epoch, t0, samples = 0, 0, time.perf_counter(), 0
     coca.train()
