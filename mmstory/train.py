@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     max_minutes: float = 0.0     # > 0: also stop (and evaluate) once training has run this long
-    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler) | auto (bf16 where native)
     device: str = "auto"         # auto | cpu | cuda
     threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
     compile: bool = False
@@ -88,7 +88,7 @@ class TrainConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
-        choices = {"precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+        choices = {"precision": ("fp32", "bf16", "fp16", "auto"), "device": ("auto", "cpu", "cuda"),
                    "distributed": ("ddp", "fsdp")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -115,13 +115,26 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool | None:
     """Whether an x86 CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast trains
-    ~1.2-1.4x faster than fp32 (measured on the main job); other CPU families are not checked (True)."""
+    ~1.2-1.4x faster than fp32 (measured on the main job); without them autocast emulates bf16 and the main
+    job's step took 20x longer (23 s vs 1.1 s, AVX2-only AMD EPYC). None: not checked (other CPU families)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
+        return None
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None) or all(c is None for c in checks)
+    if all(c is None for c in checks):
+        return None
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes bf16 natively (a CUDA GPU that supports it, an x86 CPU
+    with AVX512-BF16 or AMX), else ``fp32``; any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast_for(precision: str, device_type: str):
@@ -160,15 +173,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step. ``progress`` (0..1) replaces
-    the step-based position on the cosine, e.g. the elapsed fraction of a wall-clock budget."""
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, total: int | None = None) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step (``total``, default
+    ``cfg.steps``). ``progress`` (0..1) replaces the step-based position on the cosine, e.g. the elapsed
+    fraction of a wall-clock budget."""
     o = cfg.optim
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     if progress is None:
-        progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+        progress = (step - o.warmup_steps) / max(1, (total or cfg.steps) - o.warmup_steps)
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plan_at_step(cfg: TrainConfig) -> int:
+    """The step at which a run with a time budget checks that its steps fit: the end of warmup (the learning
+    rate until then does not depend on the number of steps), but at least 10 steps in."""
+    return max(10, cfg.optim.warmup_steps)
+
+
+def steps_that_fit(cfg: TrainConfig, step: int, elapsed_s: float, seconds_per_step: float,
+                   margin: float = 0.9) -> int:
+    """How many steps the run can plan for (between ``step`` and ``cfg.steps``) so that, at the measured
+    rate, training ends inside ``max_minutes``; ``margin`` of the remaining time is kept for steps, the rest
+    for validation and checkpoints."""
+    left = 60 * cfg.max_minutes - elapsed_s
+    return max(step, min(cfg.steps, step + int(margin * left / max(seconds_per_step, 1e-9))))
 
 
 def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, str], weights: dict[str, float],
@@ -288,9 +317,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         # fp32 AdamW state drifts into denormal floats, which x86 CPUs process ~100x slower; flushing
         # them to zero changes nothing that matters numerically (|x| < 1.2e-38).
         torch.set_flush_denormal(True)
-        if cfg.precision == "bf16" and is_main and not cpu_has_native_bf16():
+        if cfg.precision == "bf16" and is_main and cpu_has_native_bf16() is False:
             print("warning: precision bf16 on a CPU without AVX512-BF16/AMX: autocast emulates bf16 there and can "
-                  "be slower than fp32 (try --precision=fp32)")
+                  "be many times slower than fp32 (try --precision=fp32, or auto)")
+    if cfg.precision == "auto":
+        cfg.precision = resolve_precision("auto", device)  # the saved config records what ran
+        if is_main:
+            print(f"precision auto -> {cfg.precision} on {device.type}")
     out_dir = Path(cfg.out_dir.format(name=cfg.name))
     ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     if is_main:
@@ -309,6 +342,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
+    total = cfg.steps  # fewer if max_minutes is set and the first steps show cfg.steps would not fit
     last = latest_checkpoint(ckpt_dir) if resume else None
     if cfg.init_from and last is None:
         from safetensors.torch import load_file
@@ -331,6 +365,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+        total = state.get("total", cfg.steps)
         set_rng_state(state["rng"])
         if is_main:
             truncate_log(log_path, step)
@@ -352,7 +387,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if cfg.compile:
         model = torch.compile(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg), last_epoch=step - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total=total),
+                                                  last_epoch=step - 1)
 
     autocast = autocast_for(cfg.precision, device.type)
 
@@ -375,12 +411,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
     stream = batches()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
     last_ckpt = str(last) if last else "none"
     t_log, samples_since = time.perf_counter(), 0
     model.train()
     t_start = time.perf_counter()
-    stop_at = cfg.steps
+    first_step, t_first = step, None  # rate of this process's steps, measured from its second step on
+    stop_at = total
     while step < stop_at:
         terms: dict[str, float] = {}
         for micro in range(cfg.optim.accum_steps):
@@ -408,7 +445,27 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        if cfg.max_minutes and stop_at == cfg.steps and step < cfg.steps:
+        if step == first_step + 1:
+            t_first = time.perf_counter()
+        if cfg.max_minutes and step == plan_at_step(cfg) and step - first_step > 5 and total > step:
+            # Budget check (once, at the end of warmup): at the rate of the steps so far, do the planned steps
+            # fit in max_minutes? If not, plan fewer, so the cosine still ends at the last step instead of
+            # the guard below cutting the run off at a high learning rate.
+            now = time.perf_counter()
+            fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, (now - t_first) / (step - first_step - 1))],
+                               device=device)
+            if world > 1:  # every rank plans the same number of steps
+                dist.all_reduce(fit, op=dist.ReduceOp.MIN)
+            if int(fit.item()) < total:
+                total = stop_at = int(fit.item())
+                bar.total = total
+                bar.refresh()
+                if is_main:
+                    tqdm.write(f"time budget: {cfg.steps} steps would not fit in {cfg.max_minutes} min at "
+                               f"{(now - t_first) / (step - first_step - 1):.2f} s/step; planned {total} steps")
+                    with log_path.open("a") as f:
+                        f.write(json.dumps({"step": step, "planned_steps": total}) + "\n")
+        if cfg.max_minutes and stop_at == total and step < total:
             over = torch.tensor([float(time.perf_counter() - t_start > 60 * cfg.max_minutes)], device=device)
             if world > 1:  # every rank must agree on the step it stops at
                 dist.all_reduce(over, op=dist.ReduceOp.MAX)
@@ -447,7 +504,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 for k, v in val.items():
                     writer.add_scalar(k, v, step)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items() if k.endswith("/loss")))
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best}
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total}
             if val_loss < best:
                 best = state["best"] = val_loss
                 save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state)

@@ -88,7 +88,11 @@ def test_time_to_quality_smoke(tmp_path):
     assert res["train"]["open_clip_coca"]["steps"] >= 1 and res["train"]["mmstory"]["steps"] >= 1
     assert (tmp_path / "ttq" / "results.json").is_file()
     main_job = yaml.safe_load((ROOT / "experiments/emoji_tiny.yaml").read_text())
-    assert res["precision"] == main_job.get("precision", "fp32")  # both models train at the main job's precision
+    from mmstory.train import resolve_precision
+
+    # both models train at the main job's precision, as the trainer resolves it on this machine
+    assert res["precision"] == resolve_precision(main_job.get("precision", "fp32"), torch.device("cpu"))
+    assert yaml.safe_load((tmp_path / "ttq" / "mmstory" / "config.yaml").read_text())["precision"] == res["precision"]
     again = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq2"),
                                   "--mmstory-run", str(tmp_path / "ttq" / "mmstory")])
     reused = again["train"]["mmstory:mmstory"]

@@ -243,7 +243,67 @@ def test_bf16_warning_only_on_x86_without_native_bf16(monkeypatch):
     assert tr.cpu_has_native_bf16() is True
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(tr.platform, "machine", lambda: "aarch64")
-    assert tr.cpu_has_native_bf16() is True  # not checked on other CPU families
+    assert tr.cpu_has_native_bf16() is None  # not checked on other CPU families: no warning, and auto -> fp32
+
+
+def test_precision_auto_is_bf16_only_where_native(monkeypatch):
+    """On an AVX2-only x86 CPU bf16 autocast made the main job's step 20x slower than fp32, so ``auto``
+    takes bf16 only where the CPU is known to compute it natively."""
+    import mmstory.train as tr
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
+    assert tr.resolve_precision("auto", cpu) == "bf16"
+    for answer in (False, None):
+        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: answer)
+        assert tr.resolve_precision("auto", cpu) == "fp32"
+    assert [tr.resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_steps_that_fit_the_time_budget():
+    from mmstory.train import steps_that_fit
+
+    cfg = TrainConfig(steps=720, max_minutes=9.0)
+    # 480 s left at 1 s/step, 90% of it for steps: 432 more
+    assert steps_that_fit(cfg, 50, elapsed_s=60.0, seconds_per_step=1.0) == 482
+    assert steps_that_fit(cfg, 50, elapsed_s=60.0, seconds_per_step=0.5) == 720  # never more than cfg.steps
+    assert steps_that_fit(cfg, 50, elapsed_s=600.0, seconds_per_step=1.0) == 50  # already over: stop here
+
+
+def test_time_budget_plans_fewer_steps_and_resume_keeps_the_plan(tmp_path, monkeypatch):
+    """When the steps would not fit in max_minutes, the run plans fewer at the end of warmup and its cosine
+    ends at the new last step; a resumed run keeps that plan and repeats the lost steps exactly. Also: the
+    saved config records what ``precision: auto`` resolved to."""
+    import shutil
+
+    import mmstory.train as tr
+
+    d = tiny_train_config(tmp_path / "run", steps=24, ckpt_every=6, max_minutes=10.0, precision="auto", threads=0)
+    asked = []
+
+    def fit(cfg, step, elapsed_s, seconds_per_step, margin=0.9):
+        asked.append((step, seconds_per_step > 0))
+        return 14
+
+    monkeypatch.setattr(tr, "steps_that_fit", fit)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = tr.train(load_config(TrainConfig, path))
+    assert asked == [(10, True)]  # once, at the end of warmup (at least 10 steps in)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 10, "planned_steps": 14} in rows
+    losses = step_losses(out)
+    assert sorted(losses) == list(range(1, 15))
+    last_lr = [r["lr"] for r in rows if "lr" in r][-1]
+    assert last_lr == pytest.approx(d["optim"]["lr"] * d["optim"]["min_lr_ratio"])  # the cosine ended
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == tr.resolve_precision("auto", torch.device("cpu"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step_000012", "step_000014"]
+    # a crash after step 12: --resume trains to the planned 14, not the configured 24, with the same losses
+    shutil.rmtree(out / "checkpoints" / "step_000014")
+    resumed = run_cli(d, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_000012" in resumed.stdout
+    assert step_losses(out) == losses
 
 
 def test_fused_question_is_recorded_in_the_saved_model(tmp_path):

@@ -9,7 +9,7 @@ batch size, augmentation, prompts and BPE vocabulary), the sizes (CoCa's ViT, te
 decoder get the main job's image size, patch, widths, depths and heads; its context length is the
 decoder's), the optimiser (AdamW, the main job's lr / warmup / weight decay / clipping / loss weights;
 CoCa's cosine runs over its wall-clock budget since its step count is not known in advance), the
-precision (the main job's: bf16 autocast or fp32), the
+precision (the main job's: bf16 autocast or fp32, ``auto`` resolved as the trainer does), the
 wall-clock training budget, the threads, and the evaluation: both models go through
 ``mmstory.evaluate.evaluate`` on val_style and val_novel with greedy decoding, so every number comes from
 the same code. CoCa gets only image batches (it has no audio tower); the main job spends a third of its
@@ -117,7 +117,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, seed_everything
+    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, resolve_precision, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -135,10 +135,11 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
-    if cfg.precision == "fp16":
+    precision = resolve_precision(cfg.precision, torch.device("cpu"))  # auto: what the main job resolves to here
+    if precision == "fp16":
         raise ValueError("time_to_quality trains on the CPU: precision 'fp16' (which needs a grad scaler) is not "
-                         "supported here; use bf16 or fp32")
-    autocast = autocast_for(cfg.precision, "cpu")  # bf16: as open_clip's --precision amp_bf16
+                         "supported here; use bf16, fp32 or auto")
+    autocast = autocast_for(precision, "cpu")  # bf16: as open_clip's --precision amp_bf16
     log = (out_dir / "coca_metrics.jsonl").open("w")
     step, epoch, t0, samples = 0, 0, time.perf_counter(), 0
     coca.train()
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmstory.data.manifest import load_manifest
     from mmstory.evaluate import evaluate
     from mmstory.generation import DecodeOptions
-    from mmstory.train import TrainConfig, train
+    from mmstory.train import TrainConfig, resolve_precision, train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "experiments/emoji_tiny.yaml"))
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for split in ("val_style", "val_novel")}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "minutes_each": args.minutes, "max_samples": args.max_samples,
-        "config": args.config, "decoding": "greedy", "precision": cfg.precision,
+        "config": args.config, "decoding": "greedy", "precision": resolve_precision(cfg.precision, torch.device("cpu")),
         "train": trained,
         "params_M": {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()},
         "headline": {name: headline(r) for name, r in results.items()},
