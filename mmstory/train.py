@@ -68,7 +68,8 @@ class TrainConfig:
     out_dir: str = "runs/{name}"
     seed: int = 0
     steps: int = 1000
-    max_minutes: float = 0.0     # > 0: also stop (and evaluate) once training has run this long
+    max_minutes: float = 0.0     # > 0: a budget: fewer steps planned at the end of warmup if `steps` would
+                                 # not fit at the measured rate; a guard stops (and evaluates) at the budget
     precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler) | auto (bf16 where native)
     device: str = "auto"         # auto | cpu | cuda
     threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
@@ -452,8 +453,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             # fit in max_minutes? If not, plan fewer, so the cosine still ends at the last step instead of
             # the guard below cutting the run off at a high learning rate.
             now = time.perf_counter()
-            fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, (now - t_first) / (step - first_step - 1))],
-                               device=device)
+            rate = (now - t_first) / (step - first_step - 1)  # s/step, the first step's start-up excluded
+            fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, rate)], device=device)
             if world > 1:  # every rank plans the same number of steps
                 dist.all_reduce(fit, op=dist.ReduceOp.MIN)
             if int(fit.item()) < total:
@@ -462,7 +463,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 bar.refresh()
                 if is_main:
                     tqdm.write(f"time budget: {cfg.steps} steps would not fit in {cfg.max_minutes} min at "
-                               f"{(now - t_first) / (step - first_step - 1):.2f} s/step; planned {total} steps")
+                               f"{rate:.2f} s/step; planned {total} steps")
                     with log_path.open("a") as f:
                         f.write(json.dumps({"step": step, "planned_steps": total}) + "\n")
         if cfg.max_minutes and stop_at == total and step < total:
