@@ -117,7 +117,7 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, resolve_precision, seed_everything
+    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -135,11 +135,10 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
-    precision = resolve_precision(cfg.precision, torch.device("cpu"))  # auto: what the main job resolves to here
-    if precision == "fp16":
+    if cfg.precision == "fp16":
         raise ValueError("time_to_quality trains on the CPU: precision 'fp16' (which needs a grad scaler) is not "
                          "supported here; use bf16, fp32 or auto")
-    autocast = autocast_for(precision, "cpu")  # bf16: as open_clip's --precision amp_bf16
+    autocast = autocast_for(cfg.precision, "cpu")  # bf16: as open_clip's --precision amp_bf16
     log = (out_dir / "coca_metrics.jsonl").open("w")
     step, epoch, t0, samples = 0, 0, time.perf_counter(), 0
     coca.train()
@@ -209,9 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # mmstory trains as its config says (steps, schedule), capped at the budget; CoCa gets the full budget.
+    # mmstory trains as its config says (steps, schedule; fewer steps planned if they would not fit the budget);
+    # CoCa gets the full budget.
     cfg = load_config(TrainConfig, args.config, [f"--max_minutes={args.minutes}", "--final_eval=false",
                                                  f"--out_dir={out / 'mmstory'}"])
+    cfg.precision = resolve_precision(cfg.precision, torch.device("cpu"))  # auto as the trainer resolves it; CoCa too
     cfg.data.manifest = str(REPO / cfg.data.manifest)
     cfg.model.tokenizer.path = str(REPO / cfg.model.tokenizer.path)
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for split in ("val_style", "val_novel")}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "minutes_each": args.minutes, "max_samples": args.max_samples,
-        "config": args.config, "decoding": "greedy", "precision": resolve_precision(cfg.precision, torch.device("cpu")),
+        "config": args.config, "decoding": "greedy", "precision": cfg.precision,
         "train": trained,
         "params_M": {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()},
         "headline": {name: headline(r) for name, r in results.items()},
