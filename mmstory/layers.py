@@ -112,7 +112,8 @@ class CrossAttention(nn.Module):
             k, v = cache.k, cache.v
         else:
             k, v = (_heads(t, self.heads) for t in self.kv(memory).chunk(2, dim=-1))
-            if cache is not None:
+            if cache is not None:  # stored contiguous: CPU SDPA reads strided views ~2x slower
+                k, v = k.contiguous(), v.contiguous()
                 cache.k, cache.v, cache.length = k, v, k.shape[2]
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask(memory_mask), dropout_p=drop)

@@ -43,6 +43,9 @@ def test_cached_logits_equal_full_recompute(setup):
         assert torch.equal(nxt, b.argmax(-1, keepdim=True))
         a, b = cached.step(nxt), full.step(nxt)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the projected memory is stored contiguous, once (strided views made each CPU decode step slower)
+    for _, cross in cached.cache:
+        assert cross.k.is_contiguous() and cross.v.is_contiguous() and cross.length == fused["tokens"].shape[1]
 
 
 def test_left_padding_does_not_change_a_row(setup):
