@@ -25,6 +25,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -280,14 +281,16 @@ def isolated(fn, *args, **kwargs):
         return pool.apply(fn, args, kwargs)
 
 
-def profile(lib: str, s: Shape, device: str = "cpu", bf16: bool = False, steps: int = 2, rows: int = 20) -> str:
-    """torch.profiler table of the ops taking most self time over ``steps`` training steps."""
+def profile(lib: str, s: Shape, device: str = "cpu", bf16: bool = False, steps: int = 2, rows: int = 20,
+            compile: bool = False) -> str:
+    """torch.profiler table of the ops taking most self time over ``steps`` training steps (``compile``:
+    of the torch.compile'd step; the untimed first step compiles)."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     cpu_settings(device)
     torch.manual_seed(0)
     model = (build_coca(s) if lib == "open_clip" else build_mmstory(s)).to(device).train()
-    step = make_step(lib, model, to_device(synthetic_batch(s), device), device, bf16)
+    step = make_step(lib, model, to_device(synthetic_batch(s), device), device, bf16, compile)
     step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with tprofile(activities=acts) as prof:
@@ -298,18 +301,15 @@ def profile(lib: str, s: Shape, device: str = "cpu", bf16: bool = False, steps: 
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def _timed(fn, device: str, repeats: int = 1) -> float:
-    """Fastest of ``repeats`` calls, in seconds (the least disturbed by other load on the machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _timed(fn, device: str) -> float:
+    """Seconds of one call (on CUDA, until its kernels finish)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -358,39 +358,40 @@ def coca_greedy(model, images: torch.Tensor, *, new_tokens: int) -> torch.Tensor
 
 def generation_bench(s: Shape, sizes: list[int], new_tokens: int, device: str, bf16: bool, seed: int = 0,
                      repeats: int = 2) -> dict:
+    """Images/s of every decoding path, fastest of ``repeats`` rounds. Each round times every path once,
+    in turn, so a slow spell of the machine (on a shared 2-core VM its speed drifted by ~1.5x within
+    minutes) hits all paths alike and the ratios between them hold."""
     cpu_settings(device)
     torch.manual_seed(seed)
     model = build_mmstory(s).to(device).eval()
     coca = build_coca(s).to(device).eval()
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     g = torch.Generator().manual_seed(seed)
-    results: dict = {"new_tokens": new_tokens}
+    results: dict = {"new_tokens": new_tokens, "rounds": repeats}
     with amp:
         mmstory_caption(model, torch.randn(2, 3, s.image_size, s.image_size).to(device), new_tokens=2, beams=1,
                         use_cache=True)  # warm-up
         for n in sizes:
             images = torch.randn(n, 3, s.image_size, s.image_size, generator=g).to(device)
-            row: dict = {}
-            for mode, beams in (("greedy", 1), ("beam4", 4)):
-                outs = {}
-                for use_cache in (True, False):
-                    key = f"mmstory_{mode}_{'cache' if use_cache else 'nocache'}"
-                    sec = _timed(lambda: outs.__setitem__(use_cache, mmstory_caption(
-                        model, images, new_tokens=new_tokens, beams=beams, use_cache=use_cache)), device, repeats)
-                    row[key] = {"seconds": sec, "images_per_s": n / sec}
+            paths = {f"mmstory_{mode}_{'cache' if cache else 'nocache'}":
+                     partial(mmstory_caption, model, images, new_tokens=new_tokens, beams=beams, use_cache=cache)
+                     for mode, beams in (("greedy", 1), ("beam4", 4)) for cache in (True, False)}
+            paths["mmstory_greedy_rerun_full_logits"] = partial(mmstory_greedy_rerun, model, images, new_tokens=new_tokens)
+            paths["open_clip_greedy_loop"] = partial(coca_greedy, coca, images, new_tokens=new_tokens)
+            seconds: dict = {name: [] for name in paths}
+            outs: dict = {}
+            for _ in range(repeats):
+                for name, fn in paths.items():
+                    seconds[name].append(_timed(lambda: outs.__setitem__(name, fn()), device))
+            row: dict = {name: {"seconds": min(t), "seconds_all": t, "images_per_s": n / min(t)}
+                         for name, t in seconds.items()}
+            for mode in ("greedy", "beam4"):
                 row[f"{mode}_cache_speedup"] = row[f"mmstory_{mode}_nocache"]["seconds"] / row[f"mmstory_{mode}_cache"]["seconds"]
-                row[f"{mode}_cache_equals_nocache"] = outs[True] == outs[False]
-                if mode == "greedy":
-                    greedy_tokens = outs[True]
-            rerun = {}
-            sec = _timed(lambda: rerun.__setitem__("ids", mmstory_greedy_rerun(model, images, new_tokens=new_tokens)),
-                         device, repeats)
-            row["greedy_cache_equals_rerun"] = rerun["ids"].tolist() == greedy_tokens
-            row["mmstory_greedy_rerun_full_logits"] = {"seconds": sec, "images_per_s": n / sec}
-            row["greedy_cache_over_rerun_full_logits"] = sec / row["mmstory_greedy_cache"]["seconds"]
-            sec = _timed(lambda: coca_greedy(coca, images, new_tokens=new_tokens), device, repeats)
-            row["open_clip_greedy_loop"] = {"seconds": sec, "images_per_s": n / sec}
-            row["greedy_mmstory_cache_over_open_clip"] = sec / row["mmstory_greedy_cache"]["seconds"]
+                row[f"{mode}_cache_equals_nocache"] = outs[f"mmstory_{mode}_cache"] == outs[f"mmstory_{mode}_nocache"]
+            row["greedy_cache_equals_rerun"] = outs["mmstory_greedy_rerun_full_logits"].tolist() == outs["mmstory_greedy_cache"]
+            cached = row["mmstory_greedy_cache"]["seconds"]
+            row["greedy_cache_over_rerun_full_logits"] = row["mmstory_greedy_rerun_full_logits"]["seconds"] / cached
+            row["greedy_mmstory_cache_over_open_clip"] = row["open_clip_greedy_loop"]["seconds"] / cached
             results[str(n)] = row
     results["open_clip_generate"] = try_coca_generate(coca, device, s)
     return results
@@ -524,7 +525,7 @@ def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: 
     for name, sizes in gen_runs.items() if "generate" in parts else []:
         log(f"[generate] {name} {sizes} ...")
         res["generate"][name] = generation_bench(SHAPES[name], sizes, new_tokens, device, bf16,
-                                                 repeats=1 if smoke or quick else 2)
+                                                 repeats=1 if smoke or quick else 3)
         checkpoint(res)
     if "data" not in parts:
         return res
@@ -556,7 +557,8 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | **mmstory / open_clip** | | **{row['ratio_samples_per_s']:.2f}x** | "
                      f"**{row['ratio_samples_per_s_best']:.2f}x** | "
                      + (f"**{row['ratio_peak_mem']:.2f}x** |" if row["ratio_peak_mem"] else "n/a |"))
-    lines += ["", "Generation (20 new tokens; fastest of 2 runs), images/s. *No cache*: mmstory re-runs the prefix, "
+    rounds = {g.get("rounds", 2) for g in res["generate"].values()}  # results before rounds were recorded: 2
+    lines += ["", f"Generation (20 new tokens; fastest of {'/'.join(map(str, sorted(rounds)))} rounds), images/s. *No cache*: mmstory re-runs the prefix, "
               "vocabulary head at the last position only. *Re-run, full logits*: the same decoder run CoCa's way "
               "(head at every prefix position).", "",
               "| config | images | greedy cache | greedy no cache | cache speed-up | greedy re-run, full logits "
@@ -603,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         for lib in ("open_clip", "mmstory"):
             print(f"===== {lib} ({args.profile})")
-            print(profile(lib, SHAPES[args.profile], args.device, args.bf16))
+            print(profile(lib, SHAPES[args.profile], args.device, args.bf16, compile=args.compile))
         return {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
