@@ -339,7 +339,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     model.decoder.grad_checkpointing = cfg.grad_checkpointing
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))  # CPU: 21 vs 72 ms a step (main job)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
