@@ -126,7 +126,8 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     coca = coca_for(cfg)
     tok = reference.tokenizer
     opt = torch.optim.AdamW(param_groups(coca, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            fused=True)  # the optimizer kernel mmstory's trainer uses (CPU and CUDA)
 
     def lr_now(step: int, elapsed: float) -> float:
         """The main job's schedule shape over CoCa's wall-clock budget: the same warmup steps, then a
