@@ -301,15 +301,15 @@ def profile(lib: str, s: Shape, device: str = "cpu", bf16: bool = False, steps: 
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def _timed(fn, device: str) -> float:
-    """Seconds of one call (on CUDA, until its kernels finish)."""
+def _timed(fn, device: str) -> tuple[float, object]:
+    """(seconds, result) of one call (on CUDA, seconds until its kernels finish)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, out
 
 
 @torch.no_grad()
@@ -357,7 +357,7 @@ def coca_greedy(model, images: torch.Tensor, *, new_tokens: int) -> torch.Tensor
 
 
 def generation_bench(s: Shape, sizes: list[int], new_tokens: int, device: str, bf16: bool, seed: int = 0,
-                     repeats: int = 2) -> dict:
+                     repeats: int = 3) -> dict:
     """Images/s of every decoding path, fastest of ``repeats`` rounds. Each round times every path once,
     in turn, so a slow spell of the machine (on a shared 2-core VM its speed drifted by ~1.5x within
     minutes) hits all paths alike and the ratios between them hold."""
@@ -382,7 +382,8 @@ def generation_bench(s: Shape, sizes: list[int], new_tokens: int, device: str, b
             outs: dict = {}
             for _ in range(repeats):
                 for name, fn in paths.items():
-                    seconds[name].append(_timed(lambda: outs.__setitem__(name, fn()), device))
+                    sec, outs[name] = _timed(fn, device)
+                    seconds[name].append(sec)
             row: dict = {name: {"seconds": min(t), "seconds_all": t, "images_per_s": n / min(t)}
                          for name, t in seconds.items()}
             for mode in ("greedy", "beam4"):
