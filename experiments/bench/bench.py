@@ -187,9 +187,11 @@ def to_device(batch: dict, device: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- training
 def make_step(lib: str, model, batch: dict, device: str, bf16: bool, compile: bool = False):
-    """A closure doing one fwd + bwd + AdamW step; returns the loss as a float. On CUDA AdamW is the
-    fused kernel (both libraries). ``compile``: ``torch.compile`` of forward + loss, the same for both."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.startswith("cuda"))
+    """A closure doing one fwd + bwd + AdamW step; returns the loss as a float. AdamW is torch's fused
+    kernel for both libraries, on CUDA and on the CPU, as in mmstory's trainer (results before 2026-12-01
+    used the per-tensor loop on the CPU). ``compile``: ``torch.compile`` of forward + loss, the same for both."""
+    fused = device.split(":")[0] in ("cuda", "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     if lib == "open_clip":
         from open_clip.loss import CoCaLoss
@@ -472,31 +474,35 @@ def machine() -> dict:
 
 def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: bool = False,
         isolate: bool = True, compile: bool = False, parts: tuple = ("train", "generate", "data"),
-        log=print, checkpoint=None) -> dict:
+        rounds: int | None = None, log=print, checkpoint=None) -> dict:
     """All measurements; returns the results dict (see ``main`` for the printed table). On CUDA the
     training shape is ``b32`` (CoCa ViT-B/32 widths, batch 256); ``compile`` adds a torch.compile row
-    (one round: compiling takes minutes). ``parts`` selects sections; ``checkpoint(res)`` is called after
-    each measurement so that a run cut short keeps what it measured."""
+    (one round: compiling takes minutes). ``rounds`` overrides the eager training rounds and the generation
+    rounds (more of them on a machine whose speed drifts). ``parts`` selects sections; ``checkpoint(res)``
+    is called after each measurement so that a run cut short keeps what it measured."""
     checkpoint = checkpoint or (lambda res: None)
     measure = (lambda *a, **k: isolated(train_measure, *a, **k)) if isolate else train_measure
     gpu = device.startswith("cuda")
     loader_workers = [2]
     if smoke:
-        train_shapes, steps, warmup, rounds = ["smoke"], 1, 1, 1
+        train_shapes, steps, warmup, train_rounds = ["smoke"], 1, 1, 1
         gen_runs, new_tokens = {"smoke": [2]}, 3
         data_batches, data_bs, data_model = 2, 8, "smoke"
     elif gpu:  # steps of ~0.1-0.3 s: more of them; the first compiled step compiles, hence 3 warm-up steps
-        train_shapes, steps, warmup, rounds = ["b32"], (5 if quick else 15), 3, (1 if quick else 2)
+        train_shapes, steps, warmup, train_rounds = ["b32"], (5 if quick else 15), 3, (1 if quick else 2)
         gen_runs, new_tokens = ({"b32": [64]} if quick else {"b32": [64, 256], "tiny": [256]}), 20
         data_batches, data_bs, data_model, loader_workers = (20 if quick else 60), 64, "main", [2, 8]
     else:
-        train_shapes, steps, warmup, rounds = ["tiny", "small"], (3 if quick else 5), 2, (1 if quick else 2)
+        train_shapes, steps, warmup, train_rounds = ["tiny", "small"], (3 if quick else 5), 2, (1 if quick else 2)
         gen_runs, new_tokens = ({"tiny": [64]} if quick else {"tiny": [64, 256], "small": [64]}), 20
         data_batches, data_bs, data_model = (10 if quick else 30), 64, "main"
+    gen_rounds = 1 if smoke or quick else 3
+    if rounds:
+        train_rounds = gen_rounds = rounds
     res: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
                  "settings": {"device": device, "flush_denormal": device == "cpu", "bf16": bf16, "quick": quick,
-                              "smoke": smoke, "warmup": warmup, "steps": steps, "rounds": rounds, "isolated": isolate,
-                              "fused_adamw": gpu, "compile": compile},
+                              "smoke": smoke, "warmup": warmup, "steps": steps, "rounds": train_rounds, "isolated": isolate,
+                              "fused_adamw": True, "compile": compile},
                  "shapes": {n: dataclasses.asdict(SHAPES[n]) for n in set(train_shapes + list(gen_runs) + [data_model])},
                  "train": {}, "shape_check": {}, "generate": {}}
     for name in train_shapes if "train" in parts else []:
@@ -504,7 +510,7 @@ def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: 
         res["shape_check"][name] = {"open_clip": coca_shape(build_coca(s)), "mmstory": mmstory_shape(build_mmstory(s))}
         for compiled in [False] + ([True] if compile else []):
             runs: dict = {"open_clip": [], "mmstory": []}
-            n_rounds = 1 if compiled else rounds
+            n_rounds = 1 if compiled else train_rounds
             for r in range(n_rounds):  # alternate the libraries so background load hits both alike
                 for lib in runs:
                     t0 = time.perf_counter()
@@ -526,7 +532,7 @@ def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: 
     for name, sizes in gen_runs.items() if "generate" in parts else []:
         log(f"[generate] {name} {sizes} ...")
         res["generate"][name] = generation_bench(SHAPES[name], sizes, new_tokens, device, bf16,
-                                                 repeats=1 if smoke or quick else 3)
+                                                 repeats=gen_rounds)
         checkpoint(res)
     if "data" not in parts:
         return res
@@ -547,9 +553,10 @@ def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: 
 def table(res: dict) -> str:
     lines = [f"# {res['date']}  {res['machine']['cpu']} ({res['machine']['cores']} cores)  torch "
              f"{res['machine']['torch']}  open_clip {res['machine']['open_clip']}  mmstory {res['machine']['mmstory']}"
-             f"  device {res['settings']['device']}{' bf16' if res['settings']['bf16'] else ' fp32'}", "",
-             "| config | library | params (M) | samples/s (median step) | samples/s (fastest step) | peak mem (MB) |",
-             "|---|---|---|---|---|---|"]
+             f"  device {res['settings']['device']}{' bf16' if res['settings']['bf16'] else ' fp32'}"]
+    if res["train"]:
+        lines += ["", "| config | library | params (M) | samples/s (median step) | samples/s (fastest step) | peak mem (MB) |",
+                  "|---|---|---|---|---|---|"]
     for name, row in res["train"].items():
         for lib in ("open_clip", "mmstory"):
             r = row[lib]
@@ -559,7 +566,7 @@ def table(res: dict) -> str:
                      f"**{row['ratio_samples_per_s_best']:.2f}x** | "
                      + (f"**{row['ratio_peak_mem']:.2f}x** |" if row["ratio_peak_mem"] else "n/a |"))
     rounds = {g.get("rounds", 2) for g in res["generate"].values()}  # results before rounds were recorded: 2
-    lines += ["", f"Generation (20 new tokens; fastest of {'/'.join(map(str, sorted(rounds)))} rounds), images/s. *No cache*: mmstory re-runs the prefix, "
+    lines += [] if not res["generate"] else ["", f"Generation (20 new tokens; fastest of {'/'.join(map(str, sorted(rounds)))} rounds), images/s. *No cache*: mmstory re-runs the prefix, "
               "vocabulary head at the last position only. *Re-run, full logits*: the same decoder run CoCa's way "
               "(head at every prefix position).", "",
               "| config | images | greedy cache | greedy no cache | cache speed-up | greedy re-run, full logits "
@@ -600,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPU runs)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd training (both libraries)")
     ap.add_argument("--parts", default="train,generate,data", help="comma-separated sections to run")
+    ap.add_argument("--rounds", type=int, help="training (eager) and generation rounds (defaults: 2 and 3)")
     ap.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then mixes models)")
     ap.add_argument("--profile", choices=["tiny", "small", "main", "b32"], help="print torch.profiler tables and exit")
     args = ap.parse_args(argv)
@@ -611,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = run(quick=args.quick, smoke=args.smoke, device=args.device, bf16=args.bf16, isolate=not args.no_isolate,
-              compile=args.compile, parts=tuple(args.parts.split(",")),
+              compile=args.compile, parts=tuple(args.parts.split(",")), rounds=args.rounds,
               checkpoint=lambda r: out.write_text(json.dumps(r, indent=1)))
     print(table(res))
     out.write_text(json.dumps(res, indent=1))
