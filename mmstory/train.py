@@ -186,6 +186,16 @@ def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, total:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def cosine_position(step: int, cfg: TrainConfig, total: int, replans: list) -> float:
+    """Where ``step`` is on the cosine: 0 at the end of warmup, 1 at the last step ``total``. A run with a
+    time budget re-plans its last step as it measures its rate; ``replans`` holds the (step, position) of
+    each change, from which the position runs on linearly to 1 at the new ``total``. So the learning rate
+    stays continuous (and keeps falling) when the plan changes, instead of jumping to where a cosine over
+    the new total would be. Without re-plans this is (step - warmup) / (total - warmup)."""
+    s0, p0 = replans[-1] if replans else (cfg.optim.warmup_steps, 0.0)
+    return p0 + (1 - p0) * (step - s0) / max(1, total - s0)
+
+
 def plan_at_step(cfg: TrainConfig) -> int:
     """The step at which a run with a time budget checks that its steps fit: the end of warmup (the learning
     rate until then does not depend on the number of steps), but at least 10 steps in."""
@@ -343,7 +353,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
-    total = cfg.steps  # fewer if max_minutes is set and the first steps show cfg.steps would not fit
+    total = cfg.steps  # fewer if max_minutes is set and the measured rate shows cfg.steps would not fit
+    replans: list = []  # (step, cosine position) where a budgeted run changed `total`: see cosine_position
     last = latest_checkpoint(ckpt_dir) if resume else None
     if cfg.init_from and last is None:
         from safetensors.torch import load_file
@@ -366,7 +377,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
-        total = state.get("total", cfg.steps)
+        total, replans = state.get("total", cfg.steps), [tuple(r) for r in state.get("replans", [])]
         set_rng_state(state["rng"])
         if is_main:
             truncate_log(log_path, step)
@@ -388,8 +399,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if cfg.compile:
         model = torch.compile(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total=total),
-                                                  last_epoch=step - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg, progress=cosine_position(s, cfg, total, replans)), last_epoch=step - 1)
 
     autocast = autocast_for(cfg.precision, device.type)
 
@@ -418,6 +429,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     model.train()
     t_start = time.perf_counter()
     first_step, t_first = step, None  # rate of this process's steps, measured from its second step on
+    plan0, replan_every = None, 0  # (step, time) of this process's first plan; re-plans every replan_every steps
     stop_at = total
     while step < stop_at:
         terms: dict[str, float] = {}
@@ -448,22 +460,31 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         step += 1
         if step == first_step + 1:
             t_first = time.perf_counter()
-        if cfg.max_minutes and step == plan_at_step(cfg) and step - first_step > 5 and total > step:
-            # Budget check (once, at the end of warmup): at the rate of the steps so far, do the planned steps
-            # fit in max_minutes? If not, plan fewer, so the cosine still ends at the last step instead of
-            # the guard below cutting the run off at a high learning rate.
+        due = step == plan_at_step(cfg) if plan0 is None else (step - plan0[0]) % replan_every == 0
+        if cfg.max_minutes and due and step - first_step > 5 and step < total:
+            # Budget check: at the end of warmup (the learning rate until then does not depend on the number
+            # of steps), then every 1/8 of the steps left: at the rate measured so far, do the planned steps
+            # fit in max_minutes? Plan fewer (or more again, up to cfg.steps) so the cosine ends at the last
+            # step inside the budget: not cut off by the guard below at a high learning rate, and no budget
+            # left unused when the first estimate was pessimistic (the machine's speed can drift by 1.5x).
             now = time.perf_counter()
-            rate = (now - t_first) / (step - first_step - 1)  # s/step, the first step's start-up excluded
+            # s/step: at the first plan since this process's second step (its start-up excluded); later since
+            # the first plan, so the validations and checkpoints of the run are in the rate
+            rate = ((now - t_first) / (step - first_step - 1) if plan0 is None
+                    else (now - plan0[1]) / (step - plan0[0]))
             fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, rate)], device=device)
             if world > 1:  # every rank plans the same number of steps
                 dist.all_reduce(fit, op=dist.ReduceOp.MIN)
-            if int(fit.item()) < total:
+            if plan0 is None:
+                plan0, replan_every = (step, now), max(10, (int(fit.item()) - step) // 8)
+            if int(fit.item()) != total:
+                replans.append((step, cosine_position(step, cfg, total, replans)))
                 total = stop_at = int(fit.item())
                 bar.total = total
                 bar.refresh()
                 if is_main:
-                    tqdm.write(f"time budget: {cfg.steps} steps would not fit in {cfg.max_minutes} min at "
-                               f"{rate:.2f} s/step; planned {total} steps")
+                    tqdm.write(f"time budget of {cfg.max_minutes} min at {rate:.2f} s/step: planned {total} steps"
+                               f" (configured: {cfg.steps})")
                     with log_path.open("a") as f:
                         f.write(json.dumps({"step": step, "planned_steps": total}) + "\n")
         if cfg.max_minutes and stop_at == total and step < total:
@@ -505,7 +526,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 for k, v in val.items():
                     writer.add_scalar(k, v, step)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items() if k.endswith("/loss")))
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total}
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total,
+                     "replans": replans}
             if val_loss < best:
                 best = state["best"] = val_loss
                 save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state)

@@ -306,6 +306,57 @@ def test_time_budget_plans_fewer_steps_and_resume_keeps_the_plan(tmp_path, monke
     assert step_losses(out) == losses
 
 
+def test_cosine_position_is_continuous_across_replans():
+    from mmstory.train import cosine_position
+
+    cfg = TrainConfig(steps=110)
+    cfg.optim.warmup_steps = 10
+    assert cosine_position(60, cfg, 110, []) == pytest.approx(0.5)  # no re-plan: (step - warmup) / (total - warmup)
+    assert cosine_position(110, cfg, 110, []) == pytest.approx(1.0)
+    # re-planned at step 60 (position 0.5) from 110 to 160 steps: from there it runs on to 1 at step 160
+    replans = [(60, 0.5)]
+    assert cosine_position(60, cfg, 160, replans) == pytest.approx(0.5)
+    assert cosine_position(110, cfg, 160, replans) == pytest.approx(0.75)
+    assert cosine_position(160, cfg, 160, replans) == pytest.approx(1.0)
+
+
+def test_time_budget_replans_with_a_continuous_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
+    """A budgeted run re-plans its last step every 1/8 of the steps left (at least 10): longer when the
+    measured rate allows, shorter when not. The learning rate keeps falling through each change and ends at
+    ``lr * min_lr_ratio`` at the last step; a resume from a checkpoint after the changes keeps them."""
+    import shutil
+
+    import mmstory.train as tr
+
+    d = tiny_train_config(tmp_path / "run", steps=40, ckpt_every=6, max_minutes=10.0)
+    plans = iter([22, 34, 32])  # step 10: fewer; step 20: more again; step 30: a little fewer
+    asked = []
+
+    def fit(cfg, step, elapsed_s, seconds_per_step, margin=0.9):
+        asked.append(step)
+        return next(plans)
+
+    monkeypatch.setattr(tr, "steps_that_fit", fit)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = tr.train(load_config(TrainConfig, path))
+    assert asked == [10, 20, 30]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["planned_steps"]) for r in rows if "planned_steps" in r] == [(10, 22), (20, 34), (30, 32)]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(lrs) == list(range(1, 33))
+    after_warmup = [lrs[s] for s in range(2, 33)]
+    # a cosine recomputed over the new total would jump up at step 20 (position 17/20 -> 19/32)
+    assert all(b < a for a, b in zip(after_warmup, after_warmup[1:])), after_warmup
+    assert lrs[32] == pytest.approx(d["optim"]["lr"] * d["optim"]["min_lr_ratio"])
+    shutil.rmtree(out / "checkpoints" / "step_000032")  # a crash after step 30
+    resumed = run_cli(d, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_000030" in resumed.stdout
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["lr"] for r in rows if "lr" in r} == pytest.approx(lrs)
+
+
 def test_fused_question_is_recorded_in_the_saved_model(tmp_path):
     res = run_cli(tiny_train_config(tmp_path / "run", steps=1, **{"data.loader.fuse_question": True}), tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
