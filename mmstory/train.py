@@ -535,6 +535,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             prune_checkpoints(ckpt_dir, cfg.keep_last)
             last_ckpt = str(ckpt_dir / f"step_{step:06d}")
     bar.close()
+    stream.close()  # shuts the loader workers down now, not at some later garbage collection
 
     host = unsharded(core, cfg, fsdp, device)
     if is_main:

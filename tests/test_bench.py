@@ -79,8 +79,9 @@ def test_time_to_quality_smoke(tmp_path):
     fuse_question and decoder depth are read from its saved config."""
     import time_to_quality
 
-    res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq")])
+    res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq"), "--seed", "3"])
     assert set(res["headline"]) == {"mmstory", "open_clip_coca"}
+    assert res["seed"] == res["data_seed"] == 3
     for name, per_split in res["headline"].items():
         assert set(per_split) == {"val_style", "val_novel"}
         for split, h in per_split.items():
@@ -92,7 +93,8 @@ def test_time_to_quality_smoke(tmp_path):
 
     # both models train at the main job's precision, as the trainer resolves it on this machine
     assert res["precision"] == resolve_precision(main_job.get("precision", "fp32"), torch.device("cpu"))
-    assert yaml.safe_load((tmp_path / "ttq" / "mmstory" / "config.yaml").read_text())["precision"] == res["precision"]
+    saved = yaml.safe_load((tmp_path / "ttq" / "mmstory" / "config.yaml").read_text())
+    assert saved["precision"] == res["precision"] and saved["seed"] == saved["data"]["loader"]["seed"] == 3
     again = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq2"),
                                   "--mmstory-run", str(tmp_path / "ttq" / "mmstory")])
     reused = again["train"]["mmstory:mmstory"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -339,7 +340,11 @@ def test_time_budget_replans_with_a_continuous_schedule_and_resume_keeps_it(tmp_
     monkeypatch.setattr(tr, "steps_that_fit", fit)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(d))
+    workers_before = set(multiprocessing.active_children())
     out = tr.train(load_config(TrainConfig, path))
+    # the loader workers are shut down when train() returns (they used to live on until a garbage collection,
+    # and processes forked later, e.g. the next loader's workers, inherited them)
+    assert set(multiprocessing.active_children()) <= workers_before
     assert asked == [10, 20, 30]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["planned_steps"]) for r in rows if "planned_steps" in r] == [(10, 22), (20, 34), (30, 32)]

@@ -2,6 +2,7 @@
 
     python experiments/bench/time_to_quality.py                       # both, 10 CPU-minutes each
     python experiments/bench/time_to_quality.py --mmstory-run runs/emoji_tiny   # reuse a finished main job
+    python experiments/bench/time_to_quality.py --seed 1                        # another seed, both models
     python experiments/bench/time_to_quality.py --minutes 0.2 --max-samples 16  # a smoke run
 
 What is equal: the data (the main job's loader over the bundled ``train`` shards, image batches, same
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time for each model")
     p.add_argument("--mmstory-run", nargs="+", help="finished mmstory run folder(s) to evaluate instead of "
                    "training the main job again (e.g. the main job and a run with CoCa's exact ViT shapes)")
+    p.add_argument("--seed", type=int, help="seed of both models and of the data order (default: the config's)")
     p.add_argument("--max-samples", type=int, default=256, help="per validation split")
     p.add_argument("--out", default=str(REPO / "runs/time_to_quality"))
     args = p.parse_args(argv)
@@ -211,8 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # mmstory trains as its config says (steps, schedule; fewer steps planned if they would not fit the budget);
     # CoCa gets the full budget.
+    seed = [] if args.seed is None else [f"--seed={args.seed}", f"--data.loader.seed={args.seed}"]
     cfg = load_config(TrainConfig, args.config, [f"--max_minutes={args.minutes}", "--final_eval=false",
-                                                 f"--out_dir={out / 'mmstory'}"])
+                                                 f"--out_dir={out / 'mmstory'}", *seed])
     cfg.precision = resolve_precision(cfg.precision, torch.device("cpu"))  # auto as the trainer resolves it; CoCa too
     cfg.data.manifest = str(REPO / cfg.data.manifest)
     cfg.model.tokenizer.path = str(REPO / cfg.model.tokenizer.path)
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for split in ("val_style", "val_novel")}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "minutes_each": args.minutes, "max_samples": args.max_samples,
+        "seed": cfg.seed, "data_seed": cfg.data.loader.seed,
         "config": args.config, "decoding": "greedy", "precision": cfg.precision,
         "train": trained,
         "params_M": {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()},
