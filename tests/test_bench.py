@@ -79,7 +79,8 @@ def test_time_to_quality_smoke(tmp_path):
     fuse_question and decoder depth are read from its saved config."""
     import time_to_quality
 
-    res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq"), "--seed", "3"])
+    res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq"),
+                                "--seed", "3"])
     assert set(res["headline"]) == {"mmstory", "open_clip_coca"}
     assert res["seed"] == res["data_seed"] == 3
     for name, per_split in res["headline"].items():

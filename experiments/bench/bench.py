@@ -501,8 +501,8 @@ def run(*, quick: bool = False, smoke: bool = False, device: str = "cpu", bf16: 
         train_rounds = gen_rounds = rounds
     res: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
                  "settings": {"device": device, "flush_denormal": device == "cpu", "bf16": bf16, "quick": quick,
-                              "smoke": smoke, "warmup": warmup, "steps": steps, "rounds": train_rounds, "isolated": isolate,
-                              "fused_adamw": True, "compile": compile},
+                              "smoke": smoke, "warmup": warmup, "steps": steps, "rounds": train_rounds,
+                              "isolated": isolate, "fused_adamw": True, "compile": compile},
                  "shapes": {n: dataclasses.asdict(SHAPES[n]) for n in set(train_shapes + list(gen_runs) + [data_model])},
                  "train": {}, "shape_check": {}, "generate": {}}
     for name in train_shapes if "train" in parts else []:
