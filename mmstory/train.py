@@ -182,7 +182,7 @@ def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, total:
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     if progress is None:
-        progress = (step - o.warmup_steps) / max(1, (total or cfg.steps) - o.warmup_steps)
+        progress = cosine_position(step, cfg, total or cfg.steps, [])
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -475,11 +475,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, rate)], device=device)
             if world > 1:  # every rank plans the same number of steps
                 dist.all_reduce(fit, op=dist.ReduceOp.MIN)
+            planned = int(fit.item())
             if plan0 is None:
-                plan0, replan_every = (step, now), max(10, (int(fit.item()) - step) // 8)
-            if int(fit.item()) != total:
+                plan0, replan_every = (step, now), max(10, (planned - step) // 8)
+            if planned != total:
                 replans.append((step, cosine_position(step, cfg, total, replans)))
-                total = stop_at = int(fit.item())
+                total = stop_at = planned
                 bar.total = total
                 bar.refresh()
                 if is_main:

@@ -190,9 +190,9 @@ def make_step(lib: str, model, batch: dict, device: str, bf16: bool, compile: bo
     """A closure doing one fwd + bwd + AdamW step; returns the loss as a float. AdamW is torch's fused
     kernel for both libraries, on CUDA and on the CPU, as in mmstory's trainer (results before 2026-12-01
     used the per-tensor loop on the CPU). ``compile``: ``torch.compile`` of forward + loss, the same for both."""
-    fused = device.split(":")[0] in ("cuda", "cpu")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    amp = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    kind = device.split(":")[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=kind in ("cuda", "cpu"))
+    amp = torch.autocast(device_type=kind, dtype=torch.bfloat16) if bf16 else nullcontext()
     if lib == "open_clip":
         from open_clip.loss import CoCaLoss
 
