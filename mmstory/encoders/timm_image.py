@@ -5,13 +5,19 @@ import torch
 import torch.nn as nn
 
 from mmstory.encoders.base import EncoderOutput, full_mask, pretrained_error
+from mmstory.encoders.package_weights import is_package_source, load_package_weights
 
 
 def create_timm(model_name: str, pretrained: bool | str, **kwargs) -> nn.Module:
-    """``pretrained``: False (random), True (timm's hub weights) or a local checkpoint file, which goes
-    through timm's own pretrained loader (it adapts the classifier and input channels as for hub weights)."""
+    """``pretrained``: False (random), True (timm's hub weights), ``"package:<source>"`` (weights inside an
+    installed pip package: ``package_weights.py``) or a local checkpoint file, which goes through timm's own
+    pretrained loader (it adapts the classifier and input channels as for hub weights)."""
     import timm
 
+    if is_package_source(pretrained):
+        model = create_timm(model_name, False, **kwargs)
+        load_package_weights(model, pretrained, model_name)
+        return model
     try:
         if isinstance(pretrained, str):
             return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": pretrained},
