@@ -71,25 +71,55 @@ def _eval_sources(data: list[str], splits: list[str] | None) -> list[tuple[str, 
     return [("data", data)]
 
 
+def _reference(args: argparse.Namespace, model, data) -> object | None:
+    """The nearest-neighbour reference bank: ``--reference`` (a split of the ``--data`` manifest, or a manifest
+    JSON's split as PATH:SPLIT); by default the manifest's ``train`` split when it has one."""
+    from mmstory.data.manifest import load_manifest
+    from mmstory.evaluate import reference_bank
+
+    if args.reference == "none":
+        return None
+    manifest_path, split = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".json") else None, args.reference
+    if split and ":" in split and split.rsplit(":", 1)[0].endswith(".json"):
+        manifest_path, split = split.rsplit(":", 1)
+    if manifest_path is None:
+        if split:
+            raise SystemExit("--reference SPLIT needs --data to be a manifest JSON (or give MANIFEST.json:SPLIT)")
+        return None
+    manifest = load_manifest(manifest_path)
+    if split is None:
+        if "train" not in manifest.splits:
+            return None
+        split = "train"
+    if split not in manifest.splits:
+        raise SystemExit(f"--reference: {manifest_path} has no split {split!r} (splits: {', '.join(manifest.splits)})")
+    return reference_bank(model, manifest.split(split), data=data, name=split, progress=not args.quiet)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mmstory.data.pipeline import DataConfig
-    from mmstory.evaluate import evaluate, summary, write_report
+    from mmstory.data.wordings import Wordings
+    from mmstory.evaluate import comparison_table, evaluate, summary, write_report
     from mmstory.generation import DecodeOptions
 
     model = _load(args.checkpoint, args.device)
     out = Path(args.out or Path(args.checkpoint) / "eval")
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    data = DataConfig(workers=args.workers)
+    reference = _reference(args, model, data)
+    wordings = Wordings.load(args.wordings) if args.wordings else None
     all_metrics = {}
     for name, source in _eval_sources(args.data, args.split):
         results = evaluate(model, source, tasks=tasks, max_samples=args.max_samples,
                            decode=DecodeOptions(num_beams=args.beams, max_new_tokens=args.max_new_tokens),
-                           batch_size=args.batch_size, data=DataConfig(workers=args.workers), name=name,
-                           fuse_question=args.fuse_question, progress=not args.quiet)
+                           batch_size=args.batch_size, data=data, name=name, reference=reference,
+                           wordings=wordings, fuse_question=args.fuse_question, progress=not args.quiet)
         report = write_report(results, out / name, images=args.examples)
         all_metrics[name] = {"num_samples": results["num_samples"], "metrics": results["metrics"]}
         print(f"{name}: {results['num_samples']} samples -> {report}")
+        print("\n".join(comparison_table(results["metrics"])))
         for k, v in summary(results).items():
-            if not k.endswith("num_samples") and not k.startswith("qa/per_type"):
+            if not k.endswith("num_samples") and not k.startswith("qa/per_type") and not k.startswith("baselines"):
                 print(f"  {k:<36} {v:.4f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(all_metrics, indent=2, ensure_ascii=False))
@@ -156,6 +186,10 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", type=int, default=16, help="examples shown in the report (default: 16)")
     p.add_argument("--fuse-question", action=argparse.BooleanOptionalAction, default=None,
                    help="give questions to the fusion too (default: as the model was trained, from its config)")
+    p.add_argument("--reference", help="training split for the nearest-neighbour baselines: a split of the --data "
+                   "manifest or MANIFEST.json:SPLIT; 'none' for no baselines (default: the manifest's train split)")
+    p.add_argument("--wordings", help="a wordings YAML (data_manifests/emoji/wordings.yaml): also ask the QA in its "
+                   "held-out wordings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _decode_args(p)
     p.set_defaults(func=cmd_eval)

@@ -27,20 +27,24 @@ import dataclasses
 import json
 import math
 import os
+import random
 import textwrap
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders
+from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nearest, nn_answers,
+                               nn_captions, nn_classes, nn_text_scores, pixel_features)
+from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, stable_seed
+from mmstory.data.wordings import Wordings
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mmstory.generation import DecodeOptions
 from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, fuses_question, generate_text,
-                               require_encoder)
+                               require_encoder, take_rows)
 from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy, zero_shot_accuracy
 
 if TYPE_CHECKING:
@@ -109,22 +113,71 @@ def _split_name(split_or_urls: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+def _derangement(n: int, seed: int) -> list[int] | None:
+    """A seeded permutation of range(n) with no fixed point (None for n < 2): row i gets row perm[i]'s media."""
+    if n < 2:
+        return None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    fixed = [i for i in range(n) if perm[i] == i]
+    for a, b in zip(fixed, fixed[1:] + fixed[:1]):  # rotate the fixed points among themselves
+        perm[a] = b
+    if len(fixed) == 1:  # a single fixed point swaps with its neighbour
+        i, j = fixed[0], (fixed[0] + 1) % n
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def _caption_loss(model, batch: dict, rows: list[int], media: dict[str, torch.Tensor],
+                  shuffled: dict[str, torch.Tensor]) -> tuple[float, float, int] | None:
+    """Teacher-forced caption loss summed over the target tokens of the caption-task ``rows`` of ``batch``,
+    with the true media and with the shuffled media: (sum true, sum shuffled, tokens), or None."""
+    sel = [j for j, i in enumerate(rows) if batch["task"][i] == "caption"]
+    if not sel or "caption" not in model.losses:
+        return None
+    index = torch.tensor([rows[j] for j in sel])
+    keys = ("tokens", "tokens_mask", "target_mask", "prompt_filled_mask", "question_ids", "question_mask")
+    base = {k: batch[k].index_select(0, index).to(model.device) for k in keys if k in batch}
+    count = int(base["target_mask"][:, 1:].sum())
+    sums = []
+    for m in (media, shuffled):
+        out = model({**base, **take_rows(m, sel)})
+        sums.append(float(out["caption_loss"]) * count)
+    return sums[0], sums[1], count
+
+
 @torch.no_grad()
 def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[str] = TASKS,
              max_samples: int | None = None, decode: DecodeOptions = DecodeOptions(max_new_tokens=20),
              batch_size: int = 32, data: DataConfig | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
              fuse_question: bool | None = None, meteor: bool | None = None, keep_images: int = 16,
-             device: str | torch.device | None = None, progress: bool = True, name: str | None = None) -> dict:
-    """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths).
+             device: str | torch.device | None = None, progress: bool = True, name: str | None = None,
+             reference: Reference | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
+             every: int = 1, labels: Iterable[str] = (), leave_one_out: bool = False,
+             qa_decode: DecodeOptions | None = None, seed: int = 0) -> dict:
+    """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths), with the
+    baselines and diagnostics that say what the metrics mean.
 
     Args:
         tasks: any of ``caption``, ``qa``, ``retrieval``, ``zeroshot``.
         max_samples: stop after this many samples (the first ones of the split, in shard order).
-        decode: decoding for captions and answers. data: the training ``DataConfig`` (its prompts and
-            audio_seconds are used; image size, sample rate and augmentation are set for eval).
+        decode: decoding for captions (and answers, unless ``qa_decode`` is given). data: the training
+            ``DataConfig`` (its prompts and audio_seconds are used; image size, sample rate and augmentation are
+            set for eval).
         fuse_question: also give questions to the fusion; None = as the model was trained (its config).
         meteor: compute METEOR (needs Java); None = when Java is available.
         keep_images: how many sample images to keep (uint8 thumbnails) for ``write_report``.
+        reference: a training split's ``Reference`` (``reference_bank``): adds the nearest-neighbour
+            baselines (``baselines.pixel_nn``, ``baselines.embedding_nn``) for image samples.
+        diagnostics: the model with each sample's media replaced by another sample's of the same batch
+            (a seeded derangement): caption loss, captions and answers (``image_dependence``); the majority and
+            chance baselines; caption diversity and label accuracy.
+        wordings: ask every question a second time in a held-out wording (``qa.heldout_wording``).
+        every: evaluate about one sample in ``every`` (a fixed subset spread over the split, chosen by key:
+            e.g. a training split's, for the model's fit).
+        labels: further labels a caption may name (e.g. every label of the training split), beside those of
+            the evaluated samples and the reference, for ``label_accuracy``.
+        leave_one_out: a model with retrieval may not retrieve a sample's own datastore entry (for its fit on
+            training images without looking each one up).
 
     Returns ``{"split", "num_samples", "modalities", "metrics": {task: ...}, "predictions": [per sample:
     key, modality, references, caption, qa [{question, answers, type, prediction, accuracy}], label,
@@ -135,17 +188,25 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown evaluation task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
     if device is not None:
         model.to(device)
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
+    cfg = dataclasses.replace(cfg, subsample=every)
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
                           train=False, mean=mean, std=std)
     options = dataclasses.asdict(decode)
+    qa_options = dataclasses.asdict(qa_decode or decode)
     caption_prompt, qa_prompt = cfg.prompts["caption"], cfg.prompts["qa"]
-    need_embeds = "retrieval" in tasks or "zeroshot" in tasks
+    need_embeds = "retrieval" in tasks or "zeroshot" in tasks or reference is not None
+
+    def answers(inputs: dict, questions: list[str]) -> list[str]:
+        return generate_text(model, inputs, [qa_prompt.format(question=q) for q in questions], batch_size=batch_size,
+                             fuse_question=questions if fuse_question else None, **qa_options)
 
     try:
         total = len(loader)
@@ -153,10 +214,14 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         total = None
     if max_samples is not None and total is not None:
         total = min(total, math.ceil(max_samples / batch_size))
+    # thumbnails for the report: every ``spread``-th sample, so the grid spans the split, not its first shard
+    spread = max(1, min(max_samples or math.inf, (total or 0) * batch_size) // max(keep_images, 1))
     records: list[dict] = []
     embeds: dict[str, list[torch.Tensor]] = defaultdict(list)  # modality -> (n, E) chunks, in record order
+    pixels: list[torch.Tensor] = []  # pixel-baseline features of the image records, in order
     images: dict[str, np.ndarray] = {}
     seen_keys: dict[str, int] = {}
+    losses = [0.0, 0.0, 0]  # caption loss summed over target tokens: true media, shuffled media, tokens
     bar = tqdm(loader, total=total, desc=f"eval {name or _split_name(split_or_urls)}", disable=not progress,
                unit="batch")
     for batch in bar:
@@ -171,6 +236,10 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                 continue
             require_encoder(model, modality)
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            inputs["features"] = model.encode(inputs)  # once: every caption and answer below decodes from these
+            perm = _derangement(len(rows), stable_seed("shuffle", seed, batch["__key__"][rows[0]])) \
+                if diagnostics else None
+            shuffled = take_rows(inputs, perm) if perm else None
             recs = []
             for j, i in enumerate(rows):
                 meta = batch["meta"][i]
@@ -185,48 +254,70 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                     seen_keys[key] = 0
                 recs.append({"key": key, "modality": modality, "references": refs, "caption": None,
                              "qa": _qa_items(meta), "label": _label(meta), "zeroshot": None})
-                if modality == "image" and len(images) < keep_images:
+                if modality == "image" and len(images) < keep_images and (len(records) + j) % spread == 0:
                     images[key] = _thumbnail(inputs["image"][j], mean, std)
             if need_embeds:
                 embeds[modality].append(model.embed_inputs(inputs)[modality].float().cpu())
+            if reference is not None and modality == "image":
+                pixels.append(pixel_features(inputs["image"], mean, std).cpu())
             if "caption" in tasks:
                 with_refs = [j for j, r in enumerate(recs) if r["references"]]
                 if with_refs:
-                    sub = {k: v[with_refs] for k, v in inputs.items()}
-                    preds = generate_text(model, sub, [caption_prompt] * len(with_refs), batch_size=batch_size,
-                                          **options)
-                    for j, p in zip(with_refs, preds):
-                        recs[j]["caption"] = p
+                    for media, field in ((inputs, "caption"), (shuffled, "caption_shuffled")):
+                        if media is None:
+                            continue
+                        sub = take_rows(media, with_refs)
+                        skip = [batch["__key__"][rows[j]] for j in with_refs] if leave_one_out else None
+                        for j, p in zip(with_refs, generate_text(model, sub, [caption_prompt] * len(with_refs),
+                                                                  batch_size=batch_size, exclude=skip, **options)):
+                            recs[j][field] = p
             if "qa" in tasks:
                 pairs = [(j, q) for j, r in enumerate(recs) for q in r["qa"]]
                 if pairs:
-                    index = torch.tensor([j for j, _ in pairs], device=model.device)
-                    sub = {k: v.index_select(0, index) for k, v in inputs.items()}
+                    index = [j for j, _ in pairs]
                     questions = [q["question"] for _, q in pairs]
-                    preds = generate_text(model, sub, [qa_prompt.format(question=q) for q in questions],
-                                          batch_size=batch_size, fuse_question=questions if fuse_question else None,
-                                          **options)
-                    for (_, q), p in zip(pairs, preds):
-                        q["prediction"] = p
+                    for media, field in ((inputs, "prediction"), (shuffled, "prediction_shuffled")):
+                        if media is not None:
+                            sub = take_rows(media, index)
+                            for (_, q), p in zip(pairs, answers(sub, questions)):
+                                q[field] = p
+                    if wordings is not None:
+                        asked = [(k, wordings.heldout(q["question"], random.Random(
+                            stable_seed("wording", seed, recs[j]["key"], q["question"]))))
+                            for k, (j, q) in enumerate(pairs)]
+                        asked = [(k, text) for k, text in asked if text]
+                        if asked:
+                            sub = take_rows(inputs, [index[k] for k, _ in asked])
+                            for (k, text), p in zip(asked, answers(sub, [t for _, t in asked])):
+                                pairs[k][1]["heldout"] = {"question": text, "prediction": p}
+            if shuffled is not None:
+                got = _caption_loss(model, batch, rows, inputs, shuffled)
+                if got:
+                    losses = [a + b for a, b in zip(losses, got)]
             records.extend(recs)
     bar.close()
     if not records:
         raise ValueError(f"no samples to evaluate in {_split_name(split_or_urls)}")
 
     metrics: dict[str, Any] = {}
+    known = {r["label"] for r in records if r["label"]} | (reference.known_labels() if reference else set()) \
+        | set(labels)
+    matcher = LabelMatcher(known) if known else None
     if "caption" in tasks:
         done = [r for r in records if r["caption"] is not None]
         if done:
-            metrics["caption"] = caption_scores({r["key"]: r["caption"] for r in done},
-                                                {r["key"]: r["references"] for r in done}, meteor=meteor)
-            metrics["caption"]["num_samples"] = len(done)
+            metrics["caption"] = caption_metrics(done, "caption", matcher, meteor=meteor, use_java=None)
     if "qa" in tasks:
-        qs = [q for r in records for q in r["qa"]]
+        qs = [q for r in records for q in r["qa"] if "prediction" in q]
         if qs:
-            acc = vqa_accuracy([q["prediction"] for q in qs], [q["answers"] for q in qs], [q["type"] for q in qs])
-            for q, a in zip(qs, acc["per_question"]):
+            metrics["qa"] = qa_metrics(qs, "prediction")
+            for q, a in zip(qs, vqa_accuracy([q["prediction"] for q in qs], [q["answers"] for q in qs])["per_question"]):
                 q["accuracy"] = a
-            metrics["qa"] = {"overall": acc["overall"], "per_type": acc["per_answer_type"], "num_questions": len(qs)}
+            reworded = [q for q in qs if "heldout" in q]
+            if reworded:
+                metrics["qa"]["heldout_wording"] = {
+                    **qa_metrics([{**q, "prediction": q["heldout"]["prediction"]} for q in reworded], "prediction"),
+                    "dataset_wording_same_questions": qa_metrics(reworded, "prediction")["overall"]}
     modalities = sorted({r["modality"] for r in records})
     if need_embeds:
         for modality in modalities:
@@ -241,10 +332,178 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                 result = _zeroshot(model, recs, media, templates, batch_size)
                 if result:
                     metrics["zeroshot" + suffix] = result
+    if diagnostics:
+        metrics["image_dependence"] = _dependence(records, losses, matcher)
+        metrics["baselines"] = _baselines(records, reference, matcher, pixels, torch.cat(embeds["image"])
+                                          if reference is not None and embeds.get("image") else None, tasks)
     if was_training:
         model.train()
     return {"split": name or _split_name(split_or_urls), "num_samples": len(records), "modalities": modalities,
             "metrics": metrics, "predictions": records, "images": images}
+
+
+# ---------------------------------------------------------------------------------------------- metric groups
+def caption_metrics(recs: list[dict], field: str, matcher: LabelMatcher | None, *, meteor: bool | None = False,
+                    use_java: bool | None = False) -> dict:
+    """COCO scores of ``rec[field]`` against each record's references, the fraction of distinct captions
+    and, for labelled records, the fraction naming their label. The model's own captions are scored with
+    Java's PTB tokenizer where available (``use_java=None``), as COCO does; the baselines and diagnostics with
+    its pure-Python reproduction (``ptb_tokenize``, tested equal), which spares a JVM start per score."""
+    out = caption_scores({r["key"]: r[field] for r in recs}, {r["key"]: r["references"] for r in recs}, meteor=meteor,
+                         use_java=use_java)
+    out["distinct"] = distinct_fraction([r[field] for r in recs])
+    labelled = [r for r in recs if r["label"]]
+    if matcher is not None and labelled:
+        out["label_accuracy"] = matcher.accuracy([r[field] for r in labelled], [r["label"] for r in labelled])
+    out["num_samples"] = len(recs)
+    return out
+
+
+def qa_metrics(questions: list[dict], field: str) -> dict:
+    """VQA accuracy of ``q[field]`` overall and per question type."""
+    acc = vqa_accuracy([q[field] for q in questions], [q["answers"] for q in questions], [q["type"] for q in questions])
+    return {"overall": acc["overall"], "per_type": acc["per_answer_type"], "num_questions": len(questions)}
+
+
+def _dependence(records: list[dict], losses: list, matcher: LabelMatcher | None) -> dict:
+    """How much the model's outputs depend on its input: the same metrics with every sample's media replaced
+    by another sample's of the same batch. A model that sees loses clearly."""
+    out: dict[str, Any] = {}
+    if losses[2]:
+        out["caption_loss"], out["caption_loss_shuffled"] = losses[0] / losses[2], losses[1] / losses[2]
+    both = [r for r in records if r["caption"] is not None and r.get("caption_shuffled") is not None]
+    if both:  # CIDEr's weights depend on the reference set: score both on the same records
+        for field, suffix in (("caption", ""), ("caption_shuffled", "_shuffled")):
+            m = caption_metrics(both, field, matcher)
+            out[f"CIDEr{suffix}"] = m["CIDEr"]
+            if "label_accuracy" in m:
+                out[f"label_accuracy{suffix}"] = m["label_accuracy"]
+    qs = [q for r in records for q in r["qa"] if "prediction_shuffled" in q]
+    if qs:
+        out["qa_shuffled"] = qa_metrics(qs, "prediction_shuffled")
+    return out
+
+
+def _baselines(records: list[dict], reference: Reference | None, matcher: LabelMatcher | None,
+               pixels: list[torch.Tensor], image_embeds: torch.Tensor | None, tasks: Sequence[str]) -> dict:
+    """Nearest-neighbour transfer from ``reference`` (pixels, the model's embedding), majority and chance."""
+    out: dict[str, Any] = {}
+    capped = [r for r in records if r["references"]]
+    qs = [q for r in records for q in r["qa"]]
+    if reference is not None:
+        images = [r for r in records if r["modality"] == "image"]
+        queries = {"pixel_nn": torch.cat(pixels) if pixels else None, "embedding_nn": image_embeds}
+        for name, query in queries.items():
+            if query is None or name not in reference.features or not images:
+                continue
+            sim = nearest(query, reference.features[name])  # (Q, N) in the order of ``images``
+            out[name] = _transfer(images, reference, sim, matcher, tasks)
+    majority: dict[str, Any] = {}
+    if capped and reference is not None and reference.majority_caption and "caption" in tasks:
+        majority["caption"] = caption_metrics([{**r, "nn": reference.majority_caption} for r in capped], "nn", matcher)
+    if qs and "qa" in tasks:
+        pool = reference.majority_answer if reference is not None else \
+            {t: Counter(q["answers"][0] for q in qs if q["type"] == t).most_common(1)[0][0] for t in {q["type"] for q in qs}}
+        majority["qa"] = qa_metrics([{**q, "nn": pool.get(q["type"], "")} for q in qs], "nn")
+        majority["qa"]["source"] = "reference split" if reference is not None else "this split"
+    if majority:
+        out["majority"] = majority
+    chance: dict[str, Any] = {}
+    if capped and "retrieval" in tasks:
+        positives, start = [], 0
+        for r in capped:
+            positives.append(range(start, start + len(r["references"])))
+            start += len(r["references"])
+        chance["retrieval_R@1"] = chance_recall(positives, start)
+    classes = {r["label"] for r in records if r["label"]}
+    if classes and "zeroshot" in tasks:
+        chance["zeroshot_top1"] = 1 / len(classes)
+    if chance:
+        out["chance"] = chance
+    return out
+
+
+def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: LabelMatcher | None,
+              tasks: Sequence[str]) -> dict:
+    """One nearest-neighbour baseline's caption, QA, image->text and zero-shot scores on ``images``."""
+    out: dict[str, Any] = {}
+    rows = [i for i, r in enumerate(images) if r["references"]]
+    if rows and "caption" in tasks:
+        caps = nn_captions(ref, sim[rows])
+        out["caption"] = caption_metrics([{**images[i], "nn": c} for i, c in zip(rows, caps)], "nn", matcher)
+    asked = [(i, q) for i, r in enumerate(images) for q in r["qa"]]
+    if asked and "qa" in tasks:
+        preds = nn_answers(ref, sim, [(i, q["question"], q["type"]) for i, q in asked])
+        out["qa"] = qa_metrics([{**q, "nn": p} for (_, q), p in zip(asked, preds)], "nn")
+    if rows and "retrieval" in tasks:
+        texts, positives = [], []
+        for i in rows:
+            positives.append(list(range(len(texts), len(texts) + len(images[i]["references"]))))
+            texts += images[i]["references"]
+        out["retrieval"] = {"image_to_text": retrieval_recall(nn_text_scores(ref, sim[rows], texts), positives)}
+    labelled = [i for i, r in enumerate(images) if r["label"]]
+    if labelled and "zeroshot" in tasks:
+        classes = sorted({images[i]["label"] for i in labelled})
+        preds = nn_classes(ref, sim[labelled], classes)
+        out["zeroshot"] = {"top1": sum(p == images[i]["label"] for i, p in zip(labelled, preds)) / len(labelled)}
+    return out
+
+
+def split_labels(split_or_urls: Any) -> set[str]:
+    """Every ``labels.label`` of a split, read from its samples' json without decoding any media."""
+    from mmstory.data.pipeline import WorkerStats, iter_tar, resolve_shards
+
+    out = set()
+    for shard in resolve_shards(split_or_urls):
+        for raw in iter_tar(shard.url, WorkerStats(None, 0, 0)):
+            try:
+                meta = json.loads(raw.get("json", b"{}"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            label = _label(meta) if isinstance(meta, dict) else None
+            if label:
+                out.add(label)
+    return out
+
+
+@torch.no_grad()
+def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataConfig | None = None,
+                   batch_size: int = 64, progress: bool = True, name: str | None = None) -> Reference:
+    """One pass over a (training) split with the evaluation transforms: each image sample's pixel-baseline
+    features and model image embedding, captions, label and QA, for the nearest-neighbour baselines."""
+    was_training = model.training
+    model.eval()
+    cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
+    mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
+    loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
+                          train=False, mean=mean, std=std)
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    feats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    captions, labels, qa = [], [], []
+    for batch in tqdm(loader, total=total, desc=f"reference {name or _split_name(split_or_urls)}",
+                      disable=not progress, unit="batch"):
+        for modality, rows, inputs in _groups(batch):
+            if modality != "image":
+                continue
+            require_encoder(model, "image")
+            feats["pixel_nn"].append(pixel_features(inputs["image"], mean, std))
+            if "image" in model.embed_proj:
+                feats["embedding_nn"].append(model.embed_inputs({"image": inputs["image"].to(model.device)})["image"]
+                                             .float().cpu())
+            for i in rows:
+                meta = batch["meta"][i]
+                captions.append(_strings(meta.get("captions")) or list(batch["references"][i]))
+                labels.append(_label(meta))
+                qa.append(_qa_items(meta))
+    if was_training:
+        model.train()
+    if not captions:
+        raise ValueError(f"no image samples in the reference split {name or _split_name(split_or_urls)}")
+    return Reference(name=name or _split_name(split_or_urls), features={k: torch.cat(v) for k, v in feats.items()},
+                     captions=captions, labels=labels, qa=qa)
 
 
 def _retrieval(model, recs: list[dict], media: torch.Tensor, modality: str, batch_size: int) -> dict | None:
@@ -308,6 +567,56 @@ def _metric_tables(metrics: dict) -> list[str]:
     return lines
 
 
+def _get(metrics: Mapping, path: str) -> Any:
+    """``metrics["a"]["b"]...`` for ``path`` "a/b/...", or None where a part is missing."""
+    node: Any = metrics
+    for part in path.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def comparison_table(metrics: Mapping) -> list[str]:
+    """Markdown rows: each headline number of the model beside the same number for the model with shuffled
+    media and for the baselines (empty where not measured)."""
+    columns = [("model", ""), ("model, media shuffled", "image_dependence"), ("pixel NN", "baselines/pixel_nn"),
+               ("embedding NN", "baselines/embedding_nn"), ("majority", "baselines/majority"),
+               ("chance", "baselines/chance")]
+    retrieval = next((k for k in metrics.get("retrieval", {}) if k.endswith("_to_text")), "image_to_text")
+    rows = [("caption CIDEr", ["caption/CIDEr", "image_dependence/CIDEr_shuffled", "{b}/caption/CIDEr",
+                               "{b}/caption/CIDEr", "{b}/caption/CIDEr", None]),
+            ("caption names the label", ["caption/label_accuracy", "image_dependence/label_accuracy_shuffled",
+                                         "{b}/caption/label_accuracy", "{b}/caption/label_accuracy",
+                                         "{b}/caption/label_accuracy", None]),
+            ("distinct captions / samples", ["caption/distinct", None, "{b}/caption/distinct", "{b}/caption/distinct",
+                                             "{b}/caption/distinct", None]),
+            ("caption loss (teacher-forced)", ["image_dependence/caption_loss",
+                                               "image_dependence/caption_loss_shuffled", None, None, None, None]),
+            ("VQA accuracy", ["qa/overall", "image_dependence/qa_shuffled/overall", "{b}/qa/overall",
+                              "{b}/qa/overall", "{b}/qa/overall", None])]
+    for qtype in sorted(_get(metrics, "qa/per_type") or {}):
+        rows.append((f"VQA: {qtype}", [f"qa/per_type/{qtype}", f"image_dependence/qa_shuffled/per_type/{qtype}"]
+                     + [f"{{b}}/qa/per_type/{qtype}"] * 3 + [None]))
+    if _get(metrics, "qa/heldout_wording") is not None:
+        rows.append(("VQA, held-out wordings", ["qa/heldout_wording/overall"] + [None] * 5))
+        for qtype in sorted(_get(metrics, "qa/heldout_wording/per_type") or {}):
+            rows.append((f"VQA, held-out wordings: {qtype}", [f"qa/heldout_wording/per_type/{qtype}"] + [None] * 5))
+    rows += [(f"{retrieval.replace('_to_', '->')} R@1", [f"retrieval/{retrieval}/R@1", None,
+                                                        "{b}/retrieval/image_to_text/R@1",
+                                                        "{b}/retrieval/image_to_text/R@1", None,
+                                                        "baselines/chance/retrieval_R@1"]),
+             ("zero-shot top-1", ["zeroshot/top1", None, "{b}/zeroshot/top1", "{b}/zeroshot/top1", None,
+                                  "baselines/chance/zeroshot_top1"])]
+    out = ["| | " + " | ".join(c for c, _ in columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for label, paths in rows:
+        cells = [_get(metrics, p.format(b=base)) if p else None for p, (_, base) in zip(paths, columns)]
+        if all(c is None for c in cells):
+            continue
+        out.append(f"| {label} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return out if len(out) > 2 else []
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -362,6 +671,10 @@ def write_report(results: dict, out_dir: str | os.PathLike, images: int | Mappin
 
     lines = [f"# Evaluation: {results.get('split', '')}", "",
              f"{results.get('num_samples', len(preds))} samples ({', '.join(results.get('modalities', []))}).", "",
+             "## The model beside its baselines", ""] + (comparison_table(results["metrics"]) or ["(none measured)"]) + [
+             "", "Pixel / embedding NN: the caption, answers and label of the most similar training image (raw 32x32 "
+             "pixels; the model's image embedding). Media shuffled: every sample's image or audio replaced by another "
+             "sample's of its batch; a model that uses its input loses clearly there.", "",
              "## Metrics", ""] + _metric_tables(results["metrics"]) + ["## Examples", ""]
     shown = [r for r in examples if r["key"] in pictures]
     if shown:

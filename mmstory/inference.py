@@ -304,20 +304,36 @@ def _media_inputs(model: "MultimodalModel", image, audio, *, sample_rate: int | 
 
 @torch.no_grad()
 def generate_text(model: "MultimodalModel", inputs: dict[str, torch.Tensor], prompts: Sequence[str], *,
-                  batch_size: int = 32, fuse_question: Sequence[str] | None = None, **decode) -> list[str]:
+                  batch_size: int = 32, fuse_question: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None, **decode) -> list[str]:
     """Decode one text per row of ``inputs`` (prepared tensors, N rows) with its prompt, in chunks.
     ``fuse_question``: also feed these questions to the fusion (for models trained with
-    ``data.fuse_question``). Outputs are stripped of surrounding whitespace."""
+    ``data.fuse_question``). ``exclude``: per row, a datastore entry retrieval may not return.
+    Outputs are stripped of surrounding whitespace."""
     n = len(prompts)
     out: list[str] = []
     room = _room_for_prompts(model, prompts, decode.get("max_new_tokens", DecodeOptions.max_new_tokens))
     for s in _chunks(n, batch_size):
-        chunk = {k: v[s] for k, v in inputs.items()}
+        chunk = take_rows(inputs, s)
         if fuse_question is not None:
             max_len = getattr(model.encoders["text"], "max_len", None)
             chunk["question_ids"], chunk["question_mask"] = model.text_tokenizer.batch(list(fuse_question[s]),
                                                                                        max_len=max_len)
-        out += [t.strip() for t in model.generate(chunk, list(prompts[s]), **{**decode, "max_new_tokens": room})]
+        out += [t.strip() for t in model.generate(chunk, list(prompts[s]), exclude=None if exclude is None else
+                                                  list(exclude[s]), **{**decode, "max_new_tokens": room})]
+    return out
+
+
+def take_rows(inputs: dict, index) -> dict:
+    """Rows ``index`` (a slice, a list or a LongTensor) of a model input dict, including the precomputed encoder
+    outputs under ``"features"`` (see ``MultimodalModel.encode``: evaluation encodes each image once and decodes
+    captions and answers from the same features)."""
+    out = {}
+    for k, v in inputs.items():
+        if k == "features":
+            out[k] = {m: type(f)(*(t[index] for t in f)) for m, f in v.items()}
+        else:
+            out[k] = v[index]
     return out
 
 

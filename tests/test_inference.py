@@ -186,7 +186,7 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
                    progress=False)
     assert res["num_samples"] == 5 and res["modalities"] == ["image"]
     m = res["metrics"]
-    assert set(m) == set(TASKS)
+    assert set(m) == set(TASKS) | {"image_dependence", "baselines"}
     assert set(m["caption"]) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert m["qa"]["num_questions"] == 10 and set(m["qa"]["per_type"]) == {"what", "yesno"}
     assert set(m["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
@@ -211,7 +211,8 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
 
     audio = evaluate(model, audio_tar, tasks=("caption", "retrieval"), decode=DecodeOptions(**DECODE),
                      data=DataConfig(workers=0), meteor=False, progress=False)
-    assert audio["modalities"] == ["audio"] and set(audio["metrics"]) == {"caption", "retrieval"}
+    assert audio["modalities"] == ["audio"]
+    assert set(audio["metrics"]) == {"caption", "retrieval", "image_dependence", "baselines"}
     assert set(audio["metrics"]["retrieval"]) >= {"audio_to_text", "text_to_audio"}
     write_report(audio, tmp_path / "audio_report")
     assert (tmp_path / "audio_report" / "report.md").is_file()
@@ -227,7 +228,7 @@ def test_evaluate_bundled_val_novel(model, tmp_path):
     res = evaluate(model, split, max_samples=16, batch_size=8, decode=DecodeOptions(max_new_tokens=4),
                    data=DataConfig(workers=0), meteor=False, progress=False)
     assert res["num_samples"] == 16 and res["split"] == "val_novel"
-    assert set(res["metrics"]) == set(TASKS)
+    assert set(res["metrics"]) == set(TASKS) | {"image_dependence", "baselines"}
     assert {"overall", "per_type"} <= set(res["metrics"]["qa"])
     assert {"top1", "top5"} <= set(res["metrics"]["zeroshot"])
     write_report(res, tmp_path)
@@ -267,6 +268,26 @@ def test_commands(checkpoint, model, tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="missing.png"):
         main(["caption", str(tmp_path / "missing.png"), "--checkpoint", checkpoint])
+
+
+def test_eval_command_puts_baselines_beside_the_model(checkpoint, tmp_path, capsys):
+    """mmstory eval on a manifest: nearest-neighbour baselines from --reference and the image-dependence
+    diagnostics beside the model's numbers, on screen and in metrics.json; a reference split the manifest lacks
+    is named."""
+    manifest = str(ROOT / "data_manifests/emoji.json")
+    out = tmp_path / "eval"
+    assert main(["eval", checkpoint, "--data", manifest, "--split", "val_style", "--reference", "val_style",
+                 "--out", str(out), "--max-samples", "6", "--workers", "0", "--max-new-tokens", "4",
+                 "--tasks", "caption", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| caption CIDEr |" in printed and "pixel NN" in printed
+    metrics = json.loads((out / "metrics.json").read_text())["val_style"]["metrics"]
+    # the reference is the evaluated split itself: each image's nearest neighbour is itself, so the pixel
+    # baseline names every label it can
+    assert metrics["baselines"]["pixel_nn"]["caption"]["label_accuracy"] == 1.0
+    assert "caption_loss_shuffled" in metrics["image_dependence"]
+    with pytest.raises(SystemExit, match="no split 'nope'"):
+        main(["eval", checkpoint, "--data", manifest, "--split", "val_style", "--reference", "nope", "--quiet"])
 
 
 def test_answer_fuses_the_question_as_the_model_was_trained(tmp_path, monkeypatch):
