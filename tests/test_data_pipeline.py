@@ -315,3 +315,18 @@ def test_mixer_weights_interleave_epochs_and_set_shares_when_resampled():
     assert Counter(epoch[:40])["image"] > 25  # interleaved by weight while both have batches
     draws = Counter(islice(mixer._choices({"image": math.inf, "audio": math.inf}), 4000))
     assert abs(draws["image"] / 4000 - 0.75) < 0.03
+
+
+def test_subsample_keeps_a_fixed_spread_out_subset_chosen_by_key(tmp_path):
+    """subsample N keeps the samples whose key hashes to 0 mod N: the same ones on every pass and with any
+    number of workers (the fit sample and leave-one-out evaluations rely on it)."""
+    from mmstory.data.pipeline import stable_seed
+
+    urls = write_shards(tmp_path, 2, 40)
+    everything = keys(build_loader(urls, cfg(workers=0), tokenizer=TOK, train=False))
+    wanted = sorted(k for k in everything if stable_seed("subsample", k) % 4 == 0)
+    first = keys(build_loader(urls, cfg(subsample=4, workers=0), tokenizer=TOK, train=False))
+    again = keys(build_loader(urls, cfg(subsample=4, workers=2), tokenizer=TOK, train=False))
+    assert sorted(first) == sorted(again) == wanted and 8 <= len(wanted) <= 32
+    with pytest.raises(ValueError, match="subsample must be >= 1"):
+        cfg(subsample=0)

@@ -87,6 +87,11 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.7, 1.0)
     color_jitter: float = 0.1
     fuse_question: bool = False         # also emit question_ids/question_mask
+    # other wordings of the dataset's templated questions (mmstory/data/wordings.py), used in training with
+    # probability reword_prob; evaluation asks in the file's held-out wordings too
+    wordings: str | None = None
+    reword_prob: float = 0.75
+    subsample: int = 1                  # keep about 1 in N samples, chosen by key (evaluating a fixed subset)
     drop_last: bool = False             # drop each worker's last partial batch
     prefetch_factor: int = 2
     pin_memory: bool = False
@@ -102,6 +107,10 @@ class DataConfig:
             missing = sorted(t for t in weights if t not in self.prompts)
             if missing:
                 raise ValueError(f"data.prompts has no template for task(s) {missing}")
+        if self.subsample < 1:
+            raise ValueError(f"data.loader.subsample must be >= 1, got {self.subsample}")
+        if not 0.0 <= self.reword_prob <= 1.0:
+            raise ValueError(f"data.loader.reword_prob must be in [0, 1], got {self.reword_prob}")
         if self.batch_size < 1 or self.workers < 0:
             raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0 "
                              f"(got {self.batch_size}, {self.workers})")
@@ -421,6 +430,8 @@ class ShardStream(IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % num_workers
         stats = WorkerStats(self.stats_dir, self.rank, worker)
         raws = self._raw(worker, num_workers, stats)
+        if cfg.subsample > 1:  # a fixed, spread-out subset: chosen by the key, before any decoding
+            raws = (r for r in raws if stable_seed("subsample", r[0]["__key__"]) % cfg.subsample == 0)
         if self.train and cfg.shuffle_buffer > 1:
             raws = shuffle_buffer(raws, cfg.shuffle_buffer,
                                   random.Random(stable_seed("buffer", cfg.seed, self.epoch, self.rank, worker)))
@@ -508,7 +519,7 @@ class Loader:
     def _batches_per_worker(self) -> list[int | None]:
         """Batches each logical worker yields this epoch (None: unknown or unbounded)."""
         ds, cfg = self.dataset, self.cfg
-        if cfg.resampled:
+        if cfg.resampled or cfg.subsample > 1:
             return [None] * self.num_workers
         out = []
         for w in range(self.num_workers):

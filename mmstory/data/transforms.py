@@ -21,6 +21,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from mmstory.data.wordings import Wordings
+
 if TYPE_CHECKING:
     from mmstory.data.pipeline import DataConfig
 
@@ -176,6 +178,7 @@ class SampleDecoder:
         self.image_tf = ImageTransform(size=cfg.image_size, train=train, augment=cfg.augment,
                                        scale=cfg.crop_scale, jitter=cfg.color_jitter, mean=mean, std=std)
         self.audio_len = int(round(cfg.audio_seconds * cfg.sample_rate))
+        self.wordings = Wordings.load(cfg.wordings) if (train and cfg.wordings) else None
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
         cfg, train = self.cfg, self.train
@@ -224,6 +227,8 @@ class SampleDecoder:
         if task == "qa":
             item = pick(qa_items)
             question, references = item["question"].strip(), _strings(item["answers"])
+            if self.wordings is not None:
+                question = self.wordings.reword(question, rng, keep=1.0 - cfg.reword_prob)
             target = rng.choice(references) if train else _most_common(references)
         else:
             references = captions if task == "caption" else captions_zh
