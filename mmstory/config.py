@@ -73,6 +73,19 @@ class DecoderConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Retrieval-augmented decoding (mmstory/retrieval.py): the captions of the k training images nearest to an
+    image (by the frozen image encoder's pooled features) join the decoder's memory."""
+    k: int = 0                # neighbours retrieved; 0 turns retrieval off
+    max_tokens: int = 12      # tokens kept of each retrieved caption
+    keep_self: float = 1.0    # training: probability that an image may retrieve its own datastore entry
+    layers: int = 1           # Transformer blocks reading each retrieved caption (0: token embeddings only)
+    heads: int = 4
+    colour: float = 0.0       # weight of the coarse colour layout in the key similarity (0: image features only)
+    colour_size: int = 16     # the layout's resolution (colour_size x colour_size)
+
+
+@dataclass
 class ModelConfig:
     dim: int = 256        # width of the fused tokens the decoder cross-attends to
     embed_dim: int = 256  # contrastive embedding width
@@ -90,6 +103,7 @@ class ModelConfig:
     # QA also fuses the question's text-encoder tokens with the media (recorded by the trainer from
     # data.loader.fuse_question, so a saved model answers the way it was trained)
     fuse_question: bool = False
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
 # ----------------------------------------------------------------------------------------------------

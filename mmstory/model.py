@@ -28,6 +28,7 @@ from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
 from mmstory.losses.captioning import prompt_mask
+from mmstory.retrieval import RetrievalMemory
 from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
 
 # modality -> (batch key, mask key, encoder that reads it)
@@ -52,6 +53,13 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.token_proj = nn.ModuleDict({m: nn.Linear(e.width, dim) for m, e in encoders.items()})
         self.embed_proj = nn.ModuleDict({m: nn.Linear(e.pooled_width, embed_dim, bias=False) for m, e in encoders.items()})
+        retrieval = config.retrieval if config is not None else None
+        self.memory = RetrievalMemory(k=retrieval.k, max_tokens=retrieval.max_tokens, token_dim=decoder.tok.embedding_dim,
+                                      dim=dim, layers=retrieval.layers, heads=retrieval.heads,
+                                      colour=retrieval.colour, colour_size=retrieval.colour_size) \
+            if retrieval and retrieval.k else None
+        if self.memory is not None and "image" not in encoders:
+            raise ValueError("model.retrieval needs an image encoder: its keys are the image encoder's features")
         self.fusion = fusion
         self.decoder = decoder
         self.losses = nn.ModuleDict({n: loss for n, (loss, _) in losses.items()})
@@ -60,13 +68,35 @@ class MultimodalModel(nn.Module):
         self.tokenizer = tokenizer
         self.text_tokenizer = getattr(encoders.get("text"), "tokenizer", tokenizer)
         self.config = config
+        self.frozen: list[str] = []  # submodule names set by ``freeze`` (a training choice, not saved)
+
+    # ---------------------------------------------------------------- freezing
+    def freeze(self, names: list[str]) -> None:
+        """Freeze submodules by name (``encoders.image``, ``decoder.blocks.0``, ...): no gradients, and kept in
+        eval mode by ``train()``, so BatchNorm statistics and dropout stay as loaded (LiT's locked tower)."""
+        valid = {n for n, _ in self.named_modules() if n}
+        for name in names:
+            if name not in valid:
+                tops = sorted(n for n in valid if n.count(".") <= 1)
+                raise ValueError(f"freeze: the model has no submodule '{name}'; submodules: {', '.join(tops)}")
+            for p in self.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        self.frozen = list(names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "MultimodalModel":
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
 
     # ---------------------------------------------------------------- encoding
     def encode(self, batch: dict) -> dict[str, EncoderOutput]:
-        """Run each encoder on the modalities present in ``batch``."""
-        out = {}
+        """Run each encoder on the modalities present in ``batch``; outputs already in ``batch["features"]``
+        (a frozen encoder's, from the trainer's ``FeatureCache``) are used as they are."""
+        out = dict(batch.get("features", {}))
         for modality, (key, mask_key, enc) in INPUTS.items():
-            if key in batch and enc in self.encoders:
+            if key in batch and enc in self.encoders and modality not in out:
                 out[modality] = self.encoders[enc](batch[key], batch.get(mask_key) if mask_key else None)
         return out
 
@@ -75,13 +105,27 @@ class MultimodalModel(nn.Module):
         return {m: F.normalize(self.embed_proj[INPUTS[m][2]](f.pooled), dim=-1)
                 for m, f in feats.items() if m != "question"}
 
-    def fuse(self, feats: dict[str, EncoderOutput]) -> dict[str, torch.Tensor]:
-        """Project fused-modality tokens to the model width and fuse them: {"tokens" (B, M, dim), "mask"}."""
+    def retrieval_key(self, pooled: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """The retrieval key of images from their pooled image features (and pixels, for a colour layout)."""
+        pre = self.encoders["image"].preprocess
+        return self.memory.key(pooled, images, pre["mean"], pre["std"])
+
+    def fuse(self, feats: dict[str, EncoderOutput], exclude: list[str] | None = None,
+             images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Project fused-modality tokens to the model width and fuse them: {"tokens" (B, M, dim), "mask"}. With
+        retrieval, the captions retrieved for the ``images`` follow the fused tokens (``exclude``: a sample key per
+        row whose own datastore entry that row may not retrieve)."""
         inputs = {m: (self.token_proj[INPUTS[m][2]](f.tokens), f.mask) for m, f in feats.items() if m in FUSED}
         if not inputs:
             raise ValueError(f"nothing to fuse: the batch has none of {FUSED} with an encoder "
                              f"(encoders: {list(self.encoders)})")
-        return self.fusion(inputs)
+        fused = self.fusion(inputs)
+        if self.memory is not None and "image" in feats:
+            query = self.retrieval_key(feats["image"].pooled, images)
+            tokens, mask = self.memory(query, self.decoder.tok, exclude)
+            fused = {**fused, "tokens": torch.cat([fused["tokens"], tokens], 1),
+                     "mask": torch.cat([fused["mask"], mask], 1)}
+        return fused
 
     # ---------------------------------------------------------------- training forward
     def forward(self, batch: dict, *, full_logits: bool = False) -> dict:
@@ -102,7 +146,7 @@ class MultimodalModel(nn.Module):
         feats = self.encode(batch)
         out: dict = {"embeds": self.embed(feats)}
         if "tokens" in batch:
-            fused = self.fuse(feats)
+            fused = self.fuse(feats, exclude=self._exclude(batch), images=batch.get("image"))
             if "target_mask" in batch and not (full_logits or torch.compiler.is_compiling()):
                 scored = batch["target_mask"][:, 1:]  # position t predicts token t + 1
                 if self.prompt_scored:  # a loss also scores the prompt tokens
@@ -128,6 +172,17 @@ class MultimodalModel(nn.Module):
         out["loss"] = total
         return out
 
+    def _exclude(self, batch: dict) -> list[str] | None:
+        """Training with retrieval: each image may not retrieve its own datastore entry, except with probability
+        ``retrieval.keep_self`` (drawn from the torch RNG, so resumed runs draw the same)."""
+        if self.memory is None or not self.training or "__key__" not in batch:
+            return None
+        keep = self.config.retrieval.keep_self
+        if not keep:
+            return batch["__key__"]
+        draws = torch.rand(len(batch["__key__"])).tolist()
+        return [None if d < keep else k for k, d in zip(batch["__key__"], draws)]
+
     # ---------------------------------------------------------------- inference helpers
     @property
     def device(self) -> torch.device:
@@ -147,11 +202,13 @@ class MultimodalModel(nn.Module):
         return self.embed(self.encode(inputs))
 
     @torch.no_grad()
-    def generate(self, inputs: dict, prompts: str | list[str] = "caption:", **options) -> list[str]:
+    def generate(self, inputs: dict, prompts: str | list[str] = "caption:", *, exclude: list[str] | None = None,
+                 **options) -> list[str]:
         """Decode text for any mix of fused inputs (image, audio, question_ids) with a prompt per row.
-        ``options`` are ``DecodeOptions`` fields (max_new_tokens, num_beams, do_sample, top_k, ...)."""
-        feats = self.encode({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
-        fused = self.fuse(feats)
+        ``options`` are ``DecodeOptions`` fields (max_new_tokens, num_beams, do_sample, top_k, ...);
+        ``exclude``: per row, a datastore entry (sample key) retrieval may not return (leave-one-out)."""
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        fused = self.fuse(self.encode(inputs), exclude=exclude, images=inputs.get("image"))
         B = fused["tokens"].shape[0]
         prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
         if len(prompts) != B:
@@ -214,6 +271,8 @@ class MultimodalModel(nn.Module):
                                             path=None if spec["path"] is None else str(Path("tokenizer") / spec["path"]))
         save_model(self, str(folder / "model.safetensors"))
         (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+        if self.memory is not None:
+            self.memory.save(folder)
 
 
 def build_model(cfg: ModelConfig, *, base_dir: str | os.PathLike | None = None) -> MultimodalModel:
@@ -248,4 +307,6 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     cfg = from_dict(ModelConfig, yaml_load((folder / "config.yaml").read_text()))
     model = build_model(cfg, base_dir=folder).to(map_location)
     load_model(model, str(folder / "model.safetensors"), device=str(map_location))
+    if model.memory is not None:
+        model.memory.load(folder)
     return model.eval()

@@ -29,7 +29,9 @@ from tqdm import tqdm
 from mmstory.config import ModelConfig, load_config, to_dict
 from mmstory.data.manifest import load_manifest
 from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders
+from mmstory.feature_cache import FeatureCache
 from mmstory.model import MultimodalModel, build_model
+from mmstory.retrieval import build_datastore
 
 
 @dataclass
@@ -57,9 +59,16 @@ class OptimConfig:
 @dataclass
 class ReportConfig:
     max_samples: int = 256       # per validation split, for the final evaluation
-    num_beams: int = 3
+    num_beams: int = 3           # captions
+    qa_beams: int = 1            # answers: a few tokens each, asked three times (as is, media shuffled, reworded)
     max_new_tokens: int = 20
     tasks: list[str] = field(default_factory=lambda: ["caption", "qa", "retrieval", "zeroshot"])
+    # fit: greedy captions of a fixed sample of this many training images (of fit_split, default the first
+    # training split), scored at every validation and in the report; 0 turns it off
+    fit_samples: int = 256
+    fit_split: str | None = None
+    # nearest-neighbour baselines from this split (default: fit_split) beside every image metric
+    reference_split: str | None = None
 
 
 @dataclass
@@ -75,6 +84,11 @@ class TrainConfig:
     threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
     compile: bool = False
     grad_checkpointing: bool = False
+    # submodules trained no further (e.g. [encoders.image]: a pretrained tower locked as in LiT); kept in eval mode
+    freeze: list[str] = field(default_factory=list)
+    # a frozen encoder whose inputs do not change between epochs (data.loader.augment: false) runs once per
+    # training sample; its outputs are reused (mmstory/feature_cache.py)
+    cache_frozen: bool = True
     distributed: str = "ddp"     # ddp | fsdp, used under torchrun
     log_every: int = 10
     eval_every: int = 0          # 0: only at the end
@@ -236,7 +250,22 @@ def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch
         return core
     plain = build_model(cfg.model)
     plain.load_state_dict(state)
+    if core.memory is not None:
+        plain.memory.copy_from(core.memory)
     return plain.to(device)
+
+
+def frozen_feature_cache(cfg: TrainConfig, model: MultimodalModel, verbose: bool) -> FeatureCache | None:
+    """A ``FeatureCache`` for the encoders frozen whole whose inputs repeat exactly every epoch (no
+    augmentation), or None."""
+    frozen = [m for m in ("image", "audio") if f"encoders.{m}" in cfg.freeze and m in model.encoders]
+    if not (cfg.cache_frozen and frozen):
+        return None
+    if cfg.data.loader.augment:
+        if verbose:
+            print(f"frozen {frozen} encoder(s) not cached: data.loader.augment is on, so inputs change every epoch")
+        return None
+    return FeatureCache(frozen)
 
 
 def loss_items(out: dict) -> dict[str, float]:
@@ -312,6 +341,9 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    if cfg.model.retrieval.k and "encoders.image" not in cfg.freeze:
+        raise ValueError("config key 'model.retrieval.k' > 0 needs a frozen image encoder (freeze: [encoders.image]): "
+                         "retrieval keys are its features, computed once")
     if cfg.model.fuse_question and not cfg.data.loader.fuse_question:
         raise ValueError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
                          "(the loader makes the fused question); set data.loader.fuse_question: true instead")
@@ -343,6 +375,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
+    model.freeze(cfg.freeze)
+    cache = frozen_feature_cache(cfg, model, is_main)
     for enc in model.encoders.values():
         if hasattr(enc, "transformer"):
             enc.transformer.grad_checkpointing = cfg.grad_checkpointing
@@ -383,6 +417,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             truncate_log(log_path, step)
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
+    if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
+        n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
+                            autocast=autocast_for(cfg.precision, device.type), progress=is_main)
+        if is_main:
+            print(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
+
     # Wrap for several processes; ``core`` is the module without the DDP/compile wrappers.
     core = model
     fsdp = world > 1 and cfg.distributed == "fsdp"
@@ -418,8 +458,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             epoch, batch_in_epoch = epoch + 1, 0
 
     writer = None
+    fit_labels: set[str] = set()
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
+
+        if cfg.report.fit_samples:
+            from mmstory.evaluate import split_labels
+
+            fit_labels = split_labels(load_manifest(cfg.data.manifest).split(fit_split(cfg)))
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
     stream = batches()
@@ -437,6 +483,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             batch = to_device(next(stream), device)
             sync = micro == cfg.optim.accum_steps - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
             with autocast(), (nullcontext() if sync else model.no_sync()):
+                if cache is not None:
+                    batch["features"] = cache(core, batch)
                 out = model(batch)
                 loss = out["loss"] / cfg.optim.accum_steps
             if not torch.isfinite(loss):
@@ -522,11 +570,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             val_loss = math.inf
             if val:
                 val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
+                fit = fit_metrics(host, cfg, fit_labels) if cfg.report.fit_samples else {}
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss}) + "\n")
-                for k, v in val.items():
+                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss, **fit}) + "\n")
+                for k, v in {**val, **fit}.items():
                     writer.add_scalar(k, v, step)
-                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items() if k.endswith("/loss")))
+                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in {**val, **fit}.items()
+                                                        if k.endswith("/loss") or k.startswith("fit")))
             state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total,
                      "replans": replans}
             if val_loss < best:
@@ -552,22 +602,74 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     return out_dir
 
 
-def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Evaluate every validation split, write metrics JSON + report, print a few captions/answers."""
-    from mmstory.evaluate import evaluate, write_report
+def fit_split(cfg: TrainConfig) -> str:
+    return cfg.report.fit_split or next(iter(cfg.data.train.values()))
+
+
+def train_fit(model: MultimodalModel, cfg: TrainConfig, labels: set[str], *, keep_images: int = 0,
+              leave_one_out: bool = False) -> dict:
+    """The model's fit on its own training data: greedy captions of a fixed spread-out sample of
+    ``report.fit_samples`` training images (evaluation transforms), scored like a validation split.
+    ``leave_one_out``: a model with retrieval may not look each image up in its datastore."""
+    from mmstory.evaluate import evaluate
     from mmstory.generation import DecodeOptions
 
+    split = load_manifest(cfg.data.manifest).split(fit_split(cfg))
+    total = sum(s.samples or 0 for s in split.shards)
+    every = max(1, total // cfg.report.fit_samples) if total else 1
+    return evaluate(model, split, tasks=("caption",), max_samples=cfg.report.fit_samples, every=every,
+                    decode=DecodeOptions(max_new_tokens=cfg.report.max_new_tokens), data=cfg.data.loader,
+                    diagnostics=False, meteor=False, labels=labels, progress=False, keep_images=keep_images,
+                    leave_one_out=leave_one_out, name=f"{fit_split(cfg)} (fit{', leave-one-out' * leave_one_out})")
+
+
+def fit_metrics(model: MultimodalModel, cfg: TrainConfig, labels: set[str]) -> dict[str, float]:
+    """The fit scalars logged at every validation: ``fit/label_accuracy``, ``fit/distinct``, ``fit/CIDEr``."""
+    cap = train_fit(model, cfg, labels)["metrics"].get("caption", {})
+    return {f"fit/{k}": cap[k] for k in ("label_accuracy", "distinct", "CIDEr") if cap.get(k) is not None}
+
+
+def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Evaluate every validation split beside its baselines (nearest neighbour from the training split,
+    majority, chance, shuffled media) and the model's fit on its training images; write metrics JSON, a
+    report per split and ``report/summary.md``."""
+    from mmstory.data.wordings import Wordings
+    from mmstory.evaluate import comparison_table, evaluate, reference_bank, split_labels, write_report
+    from mmstory.generation import DecodeOptions
+
+    model.eval()
     manifest = load_manifest(cfg.data.manifest)
     decode = DecodeOptions(num_beams=cfg.report.num_beams, max_new_tokens=cfg.report.max_new_tokens)
+    ref_split = cfg.report.reference_split or fit_split(cfg)
+    reference = reference_bank(model, manifest.split(ref_split), data=cfg.data.loader, name=ref_split)
+    wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None
     results = {}
     for split in cfg.data.val:
-        results[split] = evaluate(model.eval(), manifest.split(split), tasks=tuple(cfg.report.tasks),
+        results[split] = evaluate(model, manifest.split(split), tasks=tuple(cfg.report.tasks),
                                   max_samples=cfg.report.max_samples, decode=decode, data=cfg.data.loader,
-                                  fuse_question=cfg.data.loader.fuse_question, name=split)
+                                  fuse_question=cfg.data.loader.fuse_question, name=split, reference=reference,
+                                  wordings=wordings, qa_decode=dataclasses.replace(decode, num_beams=cfg.report.qa_beams))
         write_report(results[split], out_dir / "report" / split)
-    summary = {split: r["metrics"] for split, r in results.items()}
+    summary: dict = {split: r["metrics"] for split, r in results.items()}
+    lines = [f"# {cfg.name}: the model beside its baselines", ""]
+    if cfg.report.fit_samples:
+        labels = split_labels(manifest.split(fit_split(cfg)))
+        for name, loo in (("train_fit", False), ("train_fit_loo", True)) if model.memory is not None else \
+                (("train_fit", False),):
+            fit = train_fit(model, cfg, labels, keep_images=16, leave_one_out=loo)
+            write_report(fit, out_dir / "report" / name)
+            summary[name] = fit["metrics"]
+            cap = fit["metrics"].get("caption", {})
+            how = ", no image retrieving its own entry" if loo else ""
+            lines += [f"Fit on {fit['num_samples']} training images ({fit_split(cfg)}, greedy{how}): captions naming "
+                      f"their label {cap.get('label_accuracy', float('nan')):.3f}, distinct {cap.get('distinct', 0):.3f}, "
+                      f"CIDEr {cap.get('CIDEr', 0):.3f} ([examples]({name}/report.md)).", ""]
+    for split, r in results.items():
+        lines += [f"## {split} ({r['num_samples']} samples, [report]({split}/report.md))", ""]
+        lines += comparison_table(r["metrics"]) + [""]
     (out_dir / "report" / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    (out_dir / "report" / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
     return summary
 
 

@@ -32,6 +32,7 @@ def tiny_train_config(out_dir: Path, **over) -> dict:
     cfg.data.loader.shuffle_buffer = 64
     cfg.data.loader.audio_seconds = 1.0
     cfg.optim.warmup_steps = 2
+    cfg.report.fit_samples = 8
     d = to_dict(cfg)
     for k, v in over.items():
         node = d

@@ -1,0 +1,80 @@
+"""A frozen encoder costs nothing twice: its outputs per training sample, computed once and reused.
+
+When an encoder is frozen (no gradients, eval mode: ``MultimodalModel.freeze``) and its input for a sample is
+the same every epoch (no augmentation), its output for that sample never changes, so the trainer runs it once
+per sample and reads the stored output in later epochs (LiT and ClipCap train on precomputed features of
+their locked tower the same way). ``MultimodalModel.encode`` takes the outputs from ``batch["features"]``.
+
+Each stored row keeps a checksum of its input; an input that changes between epochs (augmentation left on)
+raises instead of silently training on stale features.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmstory.encoders.base import EncoderOutput
+
+# modality -> (batch key of the input, batch key of its mask)
+_INPUTS = {"image": ("image", None), "audio": ("audio", "audio_mask")}
+
+
+class FeatureCache:
+    """Per-sample outputs of frozen encoders, keyed by the sample's ``__key__``.
+
+    ``max_gb`` bounds the memory: once full, further samples are encoded every time (and a note is printed once)."""
+
+    def __init__(self, modalities: list[str], *, max_gb: float = 4.0):
+        unknown = [m for m in modalities if m not in _INPUTS]
+        if unknown:
+            raise ValueError(f"feature cache: cannot cache {unknown}; cacheable modalities: {sorted(_INPUTS)}")
+        self.modalities = list(modalities)
+        self.rows: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {m: {} for m in modalities}
+        self.max_bytes, self.bytes, self.full_noted = max_gb * 2**30, 0, False
+        self.hits = self.misses = 0
+
+    def __call__(self, model, batch: dict) -> dict[str, EncoderOutput]:
+        """The cached modalities' encoder outputs for ``batch`` (encoding only the samples not seen yet)."""
+        out = {}
+        for m in self.modalities:
+            key, mask_key = _INPUTS[m]
+            if key not in batch or (m == "image" and "image_mask" in batch):
+                continue  # not in this batch, or some rows lack an image (their zeros would be cached)
+            out[m] = self._encode(model.encoders[m], m, batch["__key__"], batch[key],
+                                  batch[mask_key] if mask_key else None)
+        return out
+
+    def _encode(self, encoder, modality: str, keys: list[str], x: torch.Tensor, mask: torch.Tensor | None
+                ) -> EncoderOutput:
+        store = self.rows[modality]
+        sums = x.flatten(1).float().sum(1).tolist()  # (B,) checksums of the inputs
+        todo = [i for i, k in enumerate(keys) if k not in store]
+        fresh = {}
+        if todo:
+            index = torch.tensor(todo, device=x.device)
+            with torch.no_grad():
+                enc = encoder(x.index_select(0, index), None if mask is None else mask.index_select(0, index))
+            for j, i in enumerate(todo):
+                row = (enc.tokens[j], enc.mask[j], enc.pooled[j], sums[i])
+                fresh[keys[i]] = row
+                size = sum(t.numel() * t.element_size() for t in row[:3])
+                if self.bytes + size <= self.max_bytes:
+                    store[keys[i]], self.bytes = row, self.bytes + size
+                elif not self.full_noted:
+                    self.full_noted = True
+                    print(f"feature cache: {self.max_bytes / 2**30:.1f} GB full; further {modality} samples "
+                          f"are encoded every time")
+        rows = []
+        for i, k in enumerate(keys):
+            row = fresh.get(k) or store[k]
+            if k not in fresh and not _same(row[3], sums[i]):
+                raise RuntimeError(f"feature cache: the {modality} input of sample '{k}' changed between epochs "
+                                   f"(augmentation on a cached frozen encoder?); set data.loader.augment: false "
+                                   f"or cache_frozen: false")
+            rows.append(row)
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        return EncoderOutput(*(torch.stack([r[n] for r in rows]) for n in range(3)))
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * max(1.0, abs(a), abs(b))
