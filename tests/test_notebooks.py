@@ -29,7 +29,8 @@ TINY_OVERRIDES = " ".join(
      "--model.decoder.heads=2", "--data.loader.batch_size=8", "--data.loader.shuffle_buffer=32",
      "--data.loader.workers=0", "--data.loader.audio_seconds=1.0", "--report.num_beams=2",
      "--report.max_new_tokens=8", "--threads=2"]
-    + ["--model.encoders.image.args.model_name=test_resnet"]  # timm's 0.4M-parameter test ResNet
+    + ["--model.encoders.image.args.model_name=test_resnet",  # timm's 0.4M-parameter test ResNet, random
+       "--model.encoders.image.args.pretrained=null", "--report.fit_samples=8"]
     + [f"--model.encoders.{m}.args.{k}={v}" for m in ("text", "audio")
        for k, v in (("width", 32), ("depth", 1), ("heads", 2))])
 
