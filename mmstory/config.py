@@ -83,6 +83,7 @@ class RetrievalConfig:
     heads: int = 4
     colour: float = 0.0       # weight of the coarse colour layout in the key similarity (0: image features only)
     colour_size: int = 16     # the layout's resolution (colour_size x colour_size)
+    copy: bool = False        # a pointer over the retrieved tokens, gated with the vocabulary (decoder.CopyHead)
 
 
 @dataclass

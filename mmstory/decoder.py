@@ -21,12 +21,33 @@ from mmstory.layers import CrossBlock, KVCache, init_weights, unless_all_true
 LAST = (slice(None), -1)  # ``select`` for every row's last position
 
 
+class CopyHead(nn.Module):
+    """log(g * softmax(logits) + (1 - g) * copy): ``copy`` puts the attention of each hidden state over its
+    row's memory tokens onto the token ids they stand for; g = sigmoid(gate(hidden))."""
+
+    def __init__(self, dim: int, memory_dim: int):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(memory_dim, dim, bias=False)
+        self.gate = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor, memory: torch.Tensor, ids: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+        """h (N, D), logits (N, V), memory (N, C, Dm), ids (N, C), keep (N, C) -> log-probabilities (N, V)."""
+        scores = torch.einsum("nd,ncd->nc", self.q(h), self.k(memory)).float() / h.shape[-1] ** 0.5
+        attn = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0)  # a row with no ids: 0
+        copy = torch.zeros_like(logits, dtype=torch.float32).scatter_add(1, ids.clamp(min=0), attn * keep)
+        g = torch.sigmoid(self.gate(h).float())
+        g = torch.where(keep.any(-1, keepdim=True), g, torch.ones_like(g))
+        return torch.log((g * logits.float().softmax(-1) + (1 - g) * copy).clamp_min(1e-12))
+
+
 class TextDecoder(nn.Module):
     def __init__(self, *, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 max_len: int = 64, memory_dim: int | None = None, dropout: float = 0.0):
+                 max_len: int = 64, memory_dim: int | None = None, dropout: float = 0.0, copy: bool = False):
         super().__init__()
         self.args = dict(vocab_size=vocab_size, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                         max_len=max_len, memory_dim=memory_dim, dropout=dropout)
+                         max_len=max_len, memory_dim=memory_dim, dropout=dropout, copy=copy)
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(max_len, dim)
@@ -38,6 +59,9 @@ class TextDecoder(nn.Module):
         init_weights(self)
         self.lm_head.weight = self.tok.weight  # tied, as in GPT-2
         self.grad_checkpointing = False
+        # copy: a pointer over memory tokens that stand for token ids (retrieved captions), mixed with the
+        # vocabulary distribution by a learned gate (See et al.'s pointer-generator, 2017)
+        self.copy = CopyHead(dim, memory_dim or dim) if copy else None
 
     def new_cache(self) -> list[tuple[KVCache, KVCache]]:
         """One (self-attention, cross-attention) cache pair per block."""
@@ -45,14 +69,35 @@ class TextDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                cache: list[tuple[KVCache, KVCache]] | None = None, select: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                cache: list[tuple[KVCache, KVCache]] | None = None, select: torch.Tensor | None = None,
+                copy_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or logits at the positions ``select`` indexes only: a (B, T)
         bool mask -> (N, V) in row-major order (training scores targets only), ``LAST`` -> (B, V) (decoding
         needs the next token only). The vocabulary head is the largest matmul of a step for a large
-        vocabulary, so it runs only where its output is used."""
+        vocabulary, so it runs only where its output is used.
+
+        ``copy_ids`` (B, C): with a copy head, the last C memory tokens stand for these token ids (-1: none);
+        the output is then the log of the gated mixture of the vocabulary and copy distributions, a normalised
+        log-probability that cross-entropy and decoding take as they take logits."""
         hidden = self.features(tokens, memory, memory_mask, positions=positions, key_mask=key_mask, cache=cache)
-        return self.lm_head(hidden if select is None else hidden[select])
+        h = hidden if select is None else hidden[select]
+        logits = self.lm_head(h)
+        if copy_ids is None or self.copy is None:
+            return logits
+        B, T = tokens.shape
+        if select is None:
+            rows = torch.arange(B, device=h.device).repeat_interleave(T)
+        elif select is LAST:
+            rows = torch.arange(B, device=h.device)
+        else:
+            rows = select.nonzero(as_tuple=True)[0]
+        C = copy_ids.shape[1]
+        keep = copy_ids >= 0
+        if memory_mask is not None:
+            keep = keep & memory_mask[:, -C:]
+        out = self.copy(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]), memory[:, -C:][rows],
+                        copy_ids[rows], keep[rows])
+        return out.view_as(logits)
 
     def features(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None, *,
                  positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,

@@ -32,15 +32,15 @@ class DecodeOptions:
 class _Stepper:
     """Feeds the decoder one new token per row per step, with or without the KV cache."""
 
-    def __init__(self, decoder: TextDecoder, memory, memory_mask, use_cache: bool):
-        self.decoder, self.memory, self.memory_mask = decoder, memory, memory_mask
+    def __init__(self, decoder: TextDecoder, memory, memory_mask, use_cache: bool, copy_ids=None):
+        self.decoder, self.memory, self.memory_mask, self.copy_ids = decoder, memory, memory_mask, copy_ids
         self.cache = decoder.new_cache() if use_cache else None
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.ids, self.mask = ids, mask
         self.positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # left padding: real tokens from 0
         return self.decoder(ids, self.memory, self.memory_mask, positions=self.positions, key_mask=mask,
-                            cache=self.cache, select=LAST)
+                            cache=self.cache, select=LAST, copy_ids=self.copy_ids)
 
     def step(self, new: torch.Tensor) -> torch.Tensor:
         """new (B, 1) -> next-token logits (B, V)."""
@@ -50,9 +50,9 @@ class _Stepper:
         self.positions = torch.cat([self.positions, pos], 1)
         if self.cache is not None:
             return self.decoder(new, self.memory, self.memory_mask, positions=pos, key_mask=self.mask,
-                                cache=self.cache, select=LAST)
+                                cache=self.cache, select=LAST, copy_ids=self.copy_ids)
         return self.decoder(self.ids, self.memory, self.memory_mask, positions=self.positions, key_mask=self.mask,
-                            select=LAST)
+                            select=LAST, copy_ids=self.copy_ids)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows in ``index`` (beam search's surviving beams). Beam search only moves beams within
@@ -89,9 +89,10 @@ def process_logits(logits: torch.Tensor, generated: torch.Tensor, step: int, eos
 
 @torch.no_grad()
 def generate(decoder: TextDecoder, memory: torch.Tensor, memory_mask: torch.Tensor | None, prompt_ids: torch.Tensor,
-             prompt_mask: torch.Tensor, *, eos_id: int, pad_id: int, opts: DecodeOptions | None = None
-             ) -> list[list[int]]:
-    """memory (B, M, D), prompt_ids/mask (B, P) left-padded -> generated ids per row (EOS excluded)."""
+             prompt_mask: torch.Tensor, *, eos_id: int, pad_id: int, opts: DecodeOptions | None = None,
+             copy_ids: torch.Tensor | None = None) -> list[list[int]]:
+    """memory (B, M, D), prompt_ids/mask (B, P) left-padded -> generated ids per row (EOS excluded).
+    ``copy_ids`` (B, C): the token ids the last C memory tokens stand for (a decoder with a copy head)."""
     opts = opts or DecodeOptions()
     if prompt_ids.shape[1] + opts.max_new_tokens > decoder.max_len:
         raise ValueError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({opts.max_new_tokens}) "
@@ -99,11 +100,11 @@ def generate(decoder: TextDecoder, memory: torch.Tensor, memory_mask: torch.Tens
     if opts.num_beams > 1:
         if opts.do_sample:
             raise ValueError("beam search with sampling is not supported; set num_beams=1 or do_sample=False")
-        return _beam_search(decoder, memory, memory_mask, prompt_ids, prompt_mask, eos_id, opts)
+        return _beam_search(decoder, memory, memory_mask, prompt_ids, prompt_mask, eos_id, opts, copy_ids)
     generator = None
     if opts.do_sample and opts.seed is not None:
         generator = torch.Generator(device=memory.device).manual_seed(opts.seed)
-    stepper = _Stepper(decoder, memory, memory_mask, opts.use_cache)
+    stepper = _Stepper(decoder, memory, memory_mask, opts.use_cache, copy_ids)
     logits = stepper.start(prompt_ids, prompt_mask)
     B = prompt_ids.shape[0]
     out = torch.empty(B, 0, dtype=torch.long, device=memory.device)
@@ -127,14 +128,15 @@ def _until_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-def _beam_search(decoder, memory, memory_mask, prompt_ids, prompt_mask, eos_id, opts: DecodeOptions):
+def _beam_search(decoder, memory, memory_mask, prompt_ids, prompt_mask, eos_id, opts: DecodeOptions, copy_ids=None):
     """Standard beam search. Finished hypotheses score sum(log p) / length ** length_penalty (length
     counts generated tokens incl. EOS). A row is done once it has ``num_beams`` finished hypotheses and
     its best live beam, scored at the current length, cannot beat the worst of them — so width 1
     stops exactly where greedy decoding stops."""
     K, B = opts.num_beams, prompt_ids.shape[0]
     expand = torch.arange(B, device=memory.device).repeat_interleave(K)
-    stepper = _Stepper(decoder, memory[expand], None if memory_mask is None else memory_mask[expand], opts.use_cache)
+    stepper = _Stepper(decoder, memory[expand], None if memory_mask is None else memory_mask[expand], opts.use_cache,
+                       None if copy_ids is None else copy_ids[expand])
     logits = stepper.start(prompt_ids[expand], prompt_mask[expand])
     scores = torch.full((B, K), float("-inf"), device=memory.device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first

@@ -122,9 +122,11 @@ class MultimodalModel(nn.Module):
         fused = self.fusion(inputs)
         if self.memory is not None and "image" in feats:
             query = self.retrieval_key(feats["image"].pooled, images)
-            tokens, mask = self.memory(query, self.decoder.tok, exclude)
+            tokens, mask, ids = self.memory(query, self.decoder.tok, exclude)
             fused = {**fused, "tokens": torch.cat([fused["tokens"], tokens], 1),
                      "mask": torch.cat([fused["mask"], mask], 1)}
+            if self.decoder.copy is not None:  # the decoder may copy the retrieved tokens (the last of its memory)
+                fused["copy_ids"] = ids
         return fused
 
     # ---------------------------------------------------------------- training forward
@@ -154,10 +156,12 @@ class MultimodalModel(nn.Module):
                     scored = scored | prompt
                     out["target_is_prompt"] = prompt[scored]
                 out["target_logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"],
-                                                    select=F.pad(scored, (0, 1), value=False))
+                                                    select=F.pad(scored, (0, 1), value=False),
+                                                    copy_ids=fused.get("copy_ids"))
                 out["target_ids"] = batch["tokens"][:, 1:][scored]
             else:
-                out["logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"])
+                out["logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"],
+                                             copy_ids=fused.get("copy_ids"))
             if "gates" in fused:
                 out["gates"] = fused["gates"]
         total = None
@@ -216,7 +220,8 @@ class MultimodalModel(nn.Module):
         tok = self.tokenizer
         ids, mask = pad_sequences([[tok.bos_id] + tok.encode(p) for p in prompts], tok.pad_id, left=True)
         out = generate(self.decoder, fused["tokens"], fused["mask"], ids.to(self.device), mask.to(self.device),
-                       eos_id=tok.eos_id, pad_id=tok.pad_id, opts=DecodeOptions(**options))
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, opts=DecodeOptions(**options),
+                       copy_ids=fused.get("copy_ids"))
         return [tok.decode(row) for row in out]
 
     # Raw-input API (PIL images, paths, arrays, waveforms); the logic lives in mmstory/inference.py.
@@ -282,12 +287,15 @@ def build_model(cfg: ModelConfig, *, base_dir: str | os.PathLike | None = None) 
     encoders = {m: ENCODERS.build(c.name, c.args, **inject) for m, c in cfg.encoders.items()}
     fusion = FUSIONS.build(cfg.fusion.name, cfg.fusion.args, dim=cfg.dim)
     d = cfg.decoder
+    copy = bool(cfg.retrieval.k and cfg.retrieval.copy)
     if d.pretrained:
+        if copy:
+            raise ValueError("model.retrieval.copy is not available with a pretrained decoder (decoder.pretrained)")
         decoder = TextDecoder.from_gpt2(d.pretrained, memory_dim=cfg.dim, dropout=d.dropout)
     else:
         decoder = TextDecoder(vocab_size=d.vocab_size or tokenizer.vocab_size, dim=d.dim, depth=d.depth,
                               heads=d.heads, mlp_ratio=d.mlp_ratio, max_len=d.max_len, memory_dim=cfg.dim,
-                              dropout=d.dropout)
+                              dropout=d.dropout, copy=copy)
     if tokenizer.vocab_size > decoder.tok.num_embeddings:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the decoder only "
                          f"{decoder.tok.num_embeddings} embeddings; use the decoder's own tokenizer")

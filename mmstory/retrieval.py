@@ -11,8 +11,12 @@ image from a datastore of training captions, and the decoder learns to use them.
   token embedding, which is tied to its output layer, so copying a retrieved token means matching the embedding
   the decoder writes with; a learned projection, a rank embedding (1st, 2nd ... neighbour) and a position
   embedding are added; the result (B, k * max_tokens, dim) is appended to the fused tokens;
-- in training each image's own entry is excluded (its other-style twin, when the split has one, is exactly
-  what a new-style image finds at test time); at inference nothing is excluded.
+- in training an image may retrieve its own entry (``keep_self``: the probability it may); the decoder then
+  learns to copy, which carries over to a new style wherever the frozen features find the right neighbour;
+  at inference nothing is excluded;
+- with ``copy``, the decoder also has a pointer over the retrieved tokens (``decoder.CopyHead``): its output
+  mixes the vocabulary distribution with the attention over the retrieved tokens, put on their ids, by a
+  learned gate (See et al.'s pointer-generator), so a copied label is spelt exactly.
 
 Keys come from the image encoder, which must be frozen (``freeze: [encoders.image]``): keys computed once
 then stay valid. The datastore is data, not weights: it is saved beside the model as ``memory.safetensors``
@@ -107,8 +111,9 @@ class RetrievalMemory(nn.Module):
         return sim.topk(self.k, dim=1).indices
 
     def forward(self, query: torch.Tensor, token_embedding: nn.Embedding, exclude: Sequence[str] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory tokens (B, k * L, dim) and their mask (B, k * L) for (B, D') query keys (``key``)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Memory tokens (B, k * L, dim), their mask (B, k * L) and the token ids they stand for (B, k * L; -1 at
+        padding) for (B, D') query keys (``key``)."""
         ids = self.ids[self.nearest(query, exclude)]  # (B, k, L)
         B, k, L = ids.shape
         mask = ids != self.pad_id                                                # (B, k, L)
@@ -118,7 +123,7 @@ class RetrievalMemory(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         x = x.view(B, k, L, -1) + self.rank                                       # (B, k, L, dim)
-        return x.reshape(B, k * L, -1), mask.reshape(B, -1)
+        return x.reshape(B, k * L, -1), mask.reshape(B, -1), ids.masked_fill(~mask, -1).reshape(B, -1)
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike) -> None:

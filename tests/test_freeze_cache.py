@@ -5,7 +5,7 @@ import torch
 from mmstory.config import Component
 from mmstory.feature_cache import FeatureCache
 from mmstory.model import build_model
-from tests.conftest import TINY_ENCODER_ARGS, tiny_config
+from conftest import TINY_ENCODER_ARGS, tiny_config
 
 
 def _cnn_model():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmstory
 from conftest import tiny_config
@@ -35,12 +36,13 @@ def test_nearest_entries_and_exclusion():
 def test_memory_tokens_embed_the_retrieved_captions():
     mem, tok = _memory()
     emb = torch.nn.Embedding(tok.vocab_size, 8)
-    tokens, mask = mem(mem.key(torch.tensor([[1.0, 0.1, 0]]), None, (), ()), emb)
+    tokens, mask, copy_ids = mem(mem.key(torch.tensor([[1.0, 0.1, 0]]), None, (), ()), emb)
     assert tokens.shape == (1, 2 * 4, 8) and mask.shape == (1, 8)
     ids = tok.encode(" cat")[:4]
     assert mask[0, :4].tolist() == [True] * len(ids) + [False] * (4 - len(ids))
+    assert copy_ids[0, :4].tolist() == ids + [-1] * (4 - len(ids))
     mem.blocks = torch.nn.ModuleList()  # without the reading blocks: the embedded tokens themselves
-    tokens, mask = mem(mem.key(torch.tensor([[1.0, 0.1, 0]]), None, (), ()), emb)
+    tokens, mask, _ = mem(mem.key(torch.tensor([[1.0, 0.1, 0]]), None, (), ()), emb)
     want = mem.proj(emb(torch.tensor(ids))) + mem.rank[0, 0] + mem.pos[0, :len(ids)]
     torch.testing.assert_close(tokens[0, :len(ids)], want)
 
@@ -104,3 +106,47 @@ def test_colour_layout_keys_add_a_weighted_pixel_similarity():
     torch.testing.assert_close(keys @ keys.T, f @ f.T + 2.0 * (p @ p.T))
     with pytest.raises(ValueError, match="needs the images"):
         mem.key(pooled, None, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_copy_head_is_a_gated_mixture_of_vocabulary_and_pointer():
+    """The decoder's copy head returns normalised log-probabilities; with the gate shut the mass sits on the
+    memory's token ids in proportion to the attention; every ``select`` path gives the same rows."""
+    from mmstory.decoder import LAST, TextDecoder
+
+    torch.manual_seed(0)
+    dec = TextDecoder(vocab_size=50, dim=16, depth=1, heads=2, max_len=12, memory_dim=16, copy=True).eval()
+    tokens, memory = torch.randint(4, 50, (3, 5)), torch.randn(3, 6, 16)
+    memory_mask = torch.ones(3, 6, dtype=torch.bool)
+    copy_ids = torch.tensor([[7, 8, 9, -1], [10, 10, 11, 12], [-1, -1, -1, -1]])  # last 4 memory tokens
+    full = dec(tokens, memory, memory_mask, copy_ids=copy_ids)
+    torch.testing.assert_close(full.logsumexp(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    select = torch.rand(3, 5) > 0.5
+    torch.testing.assert_close(dec(tokens, memory, memory_mask, select=select, copy_ids=copy_ids), full[select])
+    torch.testing.assert_close(dec(tokens, memory, memory_mask, select=LAST, copy_ids=copy_ids), full[:, -1])
+    # a row without ids is the plain vocabulary distribution
+    torch.testing.assert_close(full[2], dec(tokens, memory, memory_mask)[2].log_softmax(-1), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        dec.copy.gate.bias.fill_(-50.0)  # all mass to the pointer
+    probs = dec(tokens, memory, memory_mask, copy_ids=copy_ids).exp()
+    assert probs[0][:, [7, 8, 9]].sum(-1).allclose(torch.ones(5), atol=1e-4)
+    assert probs[1][:, 10].gt(probs[1][:, 11]).any()  # two memory tokens point at 10
+    assert probs[1][:, [10, 11, 12]].sum(-1).allclose(torch.ones(5), atol=1e-4)
+
+
+def test_copying_model_decodes_the_same_with_and_without_the_cache(tmp_path):
+    cfg = tiny_config(audio=False)
+    cfg.retrieval = RetrievalConfig(k=2, max_tokens=6, copy=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.decoder.copy is not None
+    texts = ["an emoji of a cat", "an emoji of a red heart", "an emoji of the sun"]
+    model.memory.fill(F.normalize(torch.randn(3, model.encoders["image"].pooled_width), dim=-1), texts,
+                      ["a", "b", "c"], model.tokenizer)
+    images = torch.randn(2, 3, 32, 32)
+    for beams in (1, 3):
+        cached = model.generate({"image": images}, max_new_tokens=6, num_beams=beams)
+        assert cached == model.generate({"image": images}, max_new_tokens=6, num_beams=beams, use_cache=False)
+    model.save(tmp_path / "m")
+    loaded = mmstory.load(tmp_path / "m")
+    assert loaded.decoder.copy is not None
+    assert loaded.generate({"image": images}, max_new_tokens=6) == model.generate({"image": images}, max_new_tokens=6)
