@@ -77,13 +77,18 @@ class RetrievalConfig:
     """Retrieval-augmented decoding (mmstory/retrieval.py): the captions of the k training images nearest to an
     image (by the frozen image encoder's pooled features) join the decoder's memory."""
     k: int = 0                # neighbours retrieved; 0 turns retrieval off
-    max_tokens: int = 12      # tokens kept of each retrieved caption
+    captions: int = 1         # captions per datastore entry (an image's first N, joined by "; ")
+    max_tokens: int = 12      # tokens kept of each retrieved entry
     keep_self: float = 1.0    # training: probability that an image may retrieve its own datastore entry
     layers: int = 1           # Transformer blocks reading each retrieved caption (0: token embeddings only)
     heads: int = 4
     colour: float = 0.0       # weight of the coarse colour layout in the key similarity (0: image features only)
     colour_size: int = 16     # the layout's resolution (colour_size x colour_size)
     copy: bool = False        # a pointer over the retrieved tokens, gated with the vocabulary (decoder.CopyHead)
+
+    def __post_init__(self):
+        if self.captions < 1:
+            raise ValueError(f"model.retrieval.captions must be >= 1, got {self.captions}")
 
 
 @dataclass

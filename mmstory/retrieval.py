@@ -6,7 +6,8 @@ between styles. SmallCap (Ramos et al., CVPR 2023) instead gives its decoder the
 image from a datastore of training captions, and the decoder learns to use them. Here:
 
 - the **datastore** holds one entry per training image: a key (the image encoder's pooled features, L2
-  normalised) and the image's first caption, tokenised with the decoder's tokenizer;
+  normalised) and the image's first ``captions`` captions joined by "; ", tokenised with the decoder's
+  tokenizer (the first ``max_tokens`` tokens);
 - for each image, the captions of its ``k`` nearest entries (cosine) are embedded with the decoder's own
   token embedding, which is tied to its output layer, so copying a retrieved token means matching the embedding
   the decoder writes with; a learned projection, a rank embedding (1st, 2nd ... neighbour) and a position
@@ -164,7 +165,7 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int = 64, au
                     progress: bool = True) -> int:
     """Fill ``model.memory`` from a (training) split: per image sample, the frozen image encoder's pooled
     features (evaluation transforms: the same input the image gets in training without augmentation) and its
-    first caption, keyed by the sample key. Returns the number of entries."""
+    first ``retrieval.captions`` captions joined by "; ", keyed by the sample key. Returns the number of entries."""
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -193,7 +194,7 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int = 64, au
         with (autocast or nullcontext)():
             pooled = model.encoders["image"](images).pooled
         keys.append(model.retrieval_key(pooled, images))
-        texts += [captions[i][0] for i in rows]
+        texts += ["; ".join(captions[i][:model.config.retrieval.captions]) for i in rows]
         names += [batch["__key__"][i] for i in rows]
     model.train(was_training)
     if not keys:

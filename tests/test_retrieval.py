@@ -78,6 +78,9 @@ def test_model_with_retrieval_builds_saves_and_loads_its_datastore(tmp_path):
     (tmp_path / "m" / "memory.json").unlink()
     with pytest.raises(FileNotFoundError, match="memory.safetensors, memory.json"):
         mmstory.load(tmp_path / "m")
+    model.config.retrieval.captions = 2  # entries: the first two captions joined
+    build_datastore(model, [shard], data=DataConfig(workers=0), progress=False)
+    assert model.memory.texts[1] == f"{LABELS[1]}; an emoji of a {LABELS[1]}"
 
 
 def test_training_excludes_each_images_own_entry():
