@@ -132,7 +132,7 @@ def _caption_loss(model, batch: dict, rows: list[int], media: dict[str, torch.Te
     """Teacher-forced caption loss summed over the target tokens of the caption-task ``rows`` of ``batch``,
     with the true media and with the shuffled media: (sum true, sum shuffled, tokens), or None."""
     sel = [j for j, i in enumerate(rows) if batch["task"][i] == "caption"]
-    if not sel or "caption" not in model.losses:
+    if not sel or "caption" not in getattr(model, "losses", {}):
         return None
     index = torch.tensor([rows[j] for j in sel])
     keys = ("tokens", "tokens_mask", "target_mask", "prompt_filled_mask", "question_ids", "question_mask")
@@ -236,7 +236,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                 continue
             require_encoder(model, modality)
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            inputs["features"] = model.encode(inputs)  # once: every caption and answer below decodes from these
+            if hasattr(model, "encode"):  # (a model adapter, e.g. the CoCa benchmark's, may encode its own way)
+                inputs["features"] = model.encode(inputs)  # once: every caption and answer below decodes from these
             perm = _derangement(len(rows), stable_seed("shuffle", seed, batch["__key__"][rows[0]])) \
                 if diagnostics else None
             shuffled = take_rows(inputs, perm) if perm else None
