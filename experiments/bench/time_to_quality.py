@@ -13,8 +13,10 @@ CoCa's cosine runs over its wall-clock budget since its step count is not known 
 precision (the main job's: bf16 autocast or fp32, ``auto`` resolved as the trainer does), the
 wall-clock training budget, the threads, and the evaluation: both models go through
 ``mmstory.evaluate.evaluate`` on val_style and val_novel with greedy decoding, so every number comes from
-the same code. CoCa gets only image batches (it has no audio tower); the main job spends a third of its
-batches on audio (``experiments/emoji_tiny_image_only.yaml`` is the main job on the image shards alone).
+the same code. CoCa gets only image batches (it has no audio tower); the main job spends a fifth of its
+batches on audio (``experiments/emoji_tiny_image_only.yaml`` is the main job on the image shards alone), and
+its image tower is a frozen pretrained EfficientNet with retrieval, so this compares recipes, not equal-cost
+architectures.
 """
 from __future__ import annotations
 
