@@ -596,7 +596,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
         plot_metrics(log_path, out_dir / "plots")
         if cfg.final_eval:
-            final_report(host, cfg, out_dir)
+            final_report(host, cfg, out_dir, fit_labels=fit_labels or None)
     if world > 1:
         dist.barrier()
     return out_dir
@@ -629,10 +629,12 @@ def fit_metrics(model: MultimodalModel, cfg: TrainConfig, labels: set[str]) -> d
     return {f"fit/{k}": cap[k] for k in ("label_accuracy", "distinct", "CIDEr") if cap.get(k) is not None}
 
 
-def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path) -> dict:
+def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit_labels: set[str] | None = None
+                 ) -> dict:
     """Evaluate every validation split beside its baselines (nearest neighbour from the training split,
     majority, chance, shuffled media) and the model's fit on its training images; write metrics JSON, a
-    report per split and ``report/summary.md``."""
+    report per split and ``report/summary.md``. ``fit_labels``: the fit split's labels, when the caller has
+    read them already (the trainer does, for the fit logged at each validation)."""
     from mmstory.data.wordings import Wordings
     from mmstory.evaluate import comparison_table, evaluate, reference_bank, split_labels, write_report
     from mmstory.generation import DecodeOptions
@@ -653,7 +655,7 @@ def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path) -> dic
     summary: dict = {split: r["metrics"] for split, r in results.items()}
     lines = [f"# {cfg.name}: the model beside its baselines", ""]
     if cfg.report.fit_samples:
-        labels = split_labels(manifest.split(fit_split(cfg)))
+        labels = fit_labels or split_labels(manifest.split(fit_split(cfg)))
         for name, loo in (("train_fit", False), ("train_fit_loo", True)) if model.memory is not None else \
                 (("train_fit", False),):
             fit = train_fit(model, cfg, labels, keep_images=16, leave_one_out=loo)
