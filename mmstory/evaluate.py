@@ -264,11 +264,13 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
             if "caption" in tasks:
                 with_refs = [j for j, r in enumerate(recs) if r["references"]]
                 if with_refs:
-                    for media, field in ((inputs, "caption"), (shuffled, "caption_shuffled")):
+                    for media, field, owner in ((inputs, "caption", None), (shuffled, "caption_shuffled", perm)):
                         if media is None:
                             continue
                         sub = take_rows(media, with_refs)
-                        skip = [batch["__key__"][rows[j]] for j in with_refs] if leave_one_out else None
+                        # leave-one-out excludes the entry of the image being captioned (row perm[j]'s when shuffled)
+                        skip = [batch["__key__"][rows[j if owner is None else owner[j]]] for j in with_refs] \
+                            if leave_one_out else None
                         for j, p in zip(with_refs, generate_text(model, sub, [caption_prompt] * len(with_refs),
                                                                   batch_size=batch_size, exclude=skip, **options)):
                             recs[j][field] = p
