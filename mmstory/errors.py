@@ -1,0 +1,12 @@
+"""User errors: a bad file, key or value that the person running mmstory can fix.
+
+The ``mmstory`` console script prints these as one line (``error: <message>``) and exits non-zero;
+anything else is a bug and keeps its traceback (``--debug`` shows the traceback for user errors too).
+Raise ``UserError`` (or a subclass) with a message that names the file, key or value at fault.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user gave (a file, a config value, a command-line argument) is wrong; the message says
+    which and why. A ValueError, so callers that caught ValueError before keep working."""
