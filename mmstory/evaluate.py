@@ -39,7 +39,9 @@ from tqdm.auto import tqdm
 
 from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nearest, nn_answers,
                                nn_captions, nn_classes, nn_text_scores, pixel_features)
+from mmstory.data.manifest import check_shards
 from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, stable_seed
+from mmstory.data.pipeline import report as report_line
 from mmstory.data.wordings import Wordings
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mmstory.generation import DecodeOptions
@@ -192,6 +194,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         raise ValueError(f"every must be >= 1, got {every}")
     if device is not None:
         model.to(device)
+    if hasattr(split_or_urls, "shards"):  # a manifest split: its local shards are all there, at their size
+        check_shards(split_or_urls, sha256=False)
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
@@ -341,8 +345,20 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                                           if reference is not None and embeds.get("image") else None, tasks)
     if was_training:
         model.train()
+    data_counts = read_counts(loader.stats, complete=max_samples is None or len(records) < max_samples)
+    if data_counts["skipped"] or data_counts["missing_samples"]:
+        tqdm.write(f"eval {name or _split_name(split_or_urls)}: {report_line(loader.stats)}")
     return {"split": name or _split_name(split_or_urls), "num_samples": len(records), "modalities": modalities,
-            "metrics": metrics, "predictions": records, "images": images}
+            "data": data_counts, "metrics": metrics, "predictions": records, "images": images}
+
+
+def read_counts(stats: Mapping[str, int], *, complete: bool) -> dict:
+    """What the loader read: ``samples_read``, ``skipped`` {reason: n} (undecodable samples, unreadable or
+    truncated shards, shards with fewer samples than the manifest says), ``missing_samples`` (how many the
+    manifest counts but the shards did not hold) and whether the whole split was read (``complete``)."""
+    return {"samples_read": int(stats.get("samples", 0)), "complete": complete,
+            "skipped": {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")},
+            "missing_samples": int(stats.get("missing_samples", 0))}
 
 
 # ---------------------------------------------------------------------------------------------- metric groups
@@ -620,6 +636,16 @@ def comparison_table(metrics: Mapping) -> list[str]:
     return out if len(out) > 2 else []
 
 
+def _data_line(data: Mapping | None) -> str:
+    """" Skipped: ..." for the report when the loader dropped samples or shards held fewer than counted."""
+    if not data or not (data.get("skipped") or data.get("missing_samples")):
+        return ""
+    parts = [f"{k} {v}" for k, v in data["skipped"].items()]
+    if data.get("missing_samples"):
+        parts.append(f"{data['missing_samples']} samples the manifest counts were not in their shards")
+    return f" **Data skipped while reading** ({data['samples_read']} samples read): {', '.join(parts)}."
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -660,7 +686,7 @@ def write_report(results: dict, out_dir: str | os.PathLike, images: int | Mappin
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    head = {k: results[k] for k in ("split", "num_samples", "modalities") if k in results}
+    head = {k: results[k] for k in ("split", "num_samples", "modalities", "data") if k in results}
     (out / "metrics.json").write_text(json.dumps({**head, "metrics": results["metrics"]}, indent=2,
                                                  ensure_ascii=False))
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -673,7 +699,8 @@ def write_report(results: dict, out_dir: str | os.PathLike, images: int | Mappin
     examples = [r for r in preds if r["key"] in pictures][:limit] or preds[:min(limit, 8)]
 
     lines = [f"# Evaluation: {results.get('split', '')}", "",
-             f"{results.get('num_samples', len(preds))} samples ({', '.join(results.get('modalities', []))}).", "",
+             f"{results.get('num_samples', len(preds))} samples ({', '.join(results.get('modalities', []))})."
+             + _data_line(results.get("data")), "",
              "## The model beside its baselines", ""] + (comparison_table(results["metrics"]) or ["(none measured)"]) + [
              "", "Pixel / embedding NN: the caption, answers and label of the most similar training image (raw 32x32 "
              "pixels; the model's image embedding). Media shuffled: every sample's image or audio replaced by another "

@@ -14,8 +14,9 @@ import math
 import os
 import platform
 import random
-import shutil
+import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,15 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load_latest, prune_checkpoints, recover,
+                                 save_checkpoint, truncate_log)
 from mmstory.config import ModelConfig, load_config, to_dict
-from mmstory.data.manifest import load_manifest
+from mmstory.data.manifest import ManifestError, check_shards, load_manifest
 from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders
 from mmstory.feature_cache import FeatureCache
 from mmstory.model import MultimodalModel, build_model
 from mmstory.retrieval import build_datastore
+from mmstory.evaluate import read_counts
 
 
 @dataclass
@@ -277,45 +281,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder: Path, model: MultimodalModel, optimizer, scaler, state: dict) -> None:
-    """Atomic: write into ``<folder>.tmp`` then rename, so a kill never leaves a half-written checkpoint.
-    The folder is also a loadable model (``mmstory.load``); the trainer state is tensors and plain data
-    only, loaded back with ``weights_only=True``."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": rng_state(), **state}, tmp / "trainer_state.pt")
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def step_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete ``step_NNNNNN`` checkpoints, oldest first (half-written ``.tmp``/``.old`` folders excluded)."""
-    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = step_checkpoints(ckpt_dir)
-    return found[-1] if found else None
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    for p in step_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """After a resume from ``step``, drop logged lines of later steps (they will be logged again)."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, float]:
@@ -340,13 +305,48 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+def check_run_config(cfg: TrainConfig) -> None:
+    """Config errors that need more than one key to see, raised before anything is built or written."""
     if cfg.model.retrieval.k and "encoders.image" not in cfg.freeze:
         raise ValueError("config key 'model.retrieval.k' > 0 needs a frozen image encoder (freeze: [encoders.image]): "
                          "retrieval keys are its features, computed once")
     if cfg.model.fuse_question and not cfg.data.loader.fuse_question:
         raise ValueError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
                          "(the loader makes the fused question); set data.loader.fuse_question: true instead")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Before a run starts: every split it reads exists in the manifest, and every local shard of them is
+    there with the size the manifest records (cheap; ``mmstory data verify`` also checks checksums and
+    decodes every sample). Samples a shard lacks or cannot decode are counted as the run reads them."""
+    manifest = load_manifest(cfg.data.manifest)
+    names = list(cfg.data.train.values()) + list(cfg.data.val)
+    if cfg.report.fit_samples or cfg.model.retrieval.k:
+        names.append(fit_split(cfg))
+    if cfg.final_eval and cfg.report.reference_split:
+        names.append(cfg.report.reference_split)
+    for name in dict.fromkeys(names):
+        try:
+            split = manifest.split(name)
+        except KeyError as e:
+            raise ManifestError(e.args[0]) from None
+        check_shards(split, sha256=False)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train as ``cfg`` says into its run folder; returns the folder. The folder is locked while the run lives;
+    one that holds an earlier run needs ``resume`` (continue it) or ``overwrite`` (replace it)."""
+    check_run_config(cfg)
+    out_dir = Path(cfg.out_dir.format(name=cfg.name))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, out_dir, resume=resume)
+    check_data(cfg)
+    with RunLock(out_dir):
+        guard_run_folder(out_dir, resume=resume, overwrite=overwrite)
+        return _train(cfg, out_dir, resume=resume)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     cfg.model.fuse_question = cfg.data.loader.fuse_question  # saved with the model: inference answers the same way
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
@@ -367,11 +367,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         cfg.precision = resolve_precision("auto", device)  # the saved config records what ran
         if is_main:
             print(f"precision auto -> {cfg.precision} on {device.type}")
-    out_dir = Path(cfg.out_dir.format(name=cfg.name))
     ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+        for line in recover(ckpt_dir):
+            print(f"checkpoints: {line}")
+    if world > 1:
+        dist.barrier()  # the other ranks read the checkpoints rank 0 may just have repaired
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
@@ -389,7 +391,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
     total = cfg.steps  # fewer if max_minutes is set and the measured rate shows cfg.steps would not fit
     replans: list = []  # (step, cosine position) where a budgeted run changed `total`: see cosine_position
-    last = latest_checkpoint(ckpt_dir) if resume else None
+    loaded = load_latest(ckpt_dir, model, device, log=print if is_main else lambda *_: None) if resume else None
+    last = loaded[0] if loaded else None
     if cfg.init_from and last is None:
         from safetensors.torch import load_file
 
@@ -402,11 +405,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                   + (f"; missing: {missing[:8]}" if missing else ""))
     if resume and last is None and is_main:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    if last is not None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(last / "model.safetensors"), device=str(device))
-        state = torch.load(last / "trainer_state.pt", map_location=device, weights_only=True)
+    if loaded is not None:
+        state = loaded[1]
+        configured = state.get("configured_steps")
+        if configured is not None and configured != cfg.steps:
+            # the schedule (warmup, cosine, a budget's plan) was laid out for the old number of steps
+            raise RunFolderError(
+                f"--resume: config key 'steps' is {cfg.steps} but the run in {out_dir} was started with {configured} "
+                f"(it is at step {state['step']}); resume with steps={configured}, or start a new run from it with "
+                f"--init_from={out_dir / 'model' if (out_dir / 'model').is_dir() else last}")
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -416,6 +423,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if is_main:
             truncate_log(log_path, step)
             print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    elif is_main:
+        log_path.unlink(missing_ok=True)  # a fresh start: lines of an earlier attempt would interleave
+    if is_main:  # after the checks above: a refused resume leaves the run's config as it was
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
     if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
         n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
@@ -444,18 +455,28 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     autocast = autocast_for(cfg.precision, device.type)
 
+    data_read, reading = Counter(), {}  # this process's data counts: finished passes; the pass in progress
+
     def batches():
         """Endless batch stream; (epoch, batch_in_epoch) say where it is, so a resume continues exactly."""
         nonlocal epoch, batch_in_epoch
         while True:
-            loader = build_data(cfg, core, splits=cfg.data.train, weights=cfg.data.weights, train=True, rank=rank,
-                                world=world, epoch=epoch, skip_batches=batch_in_epoch)
+            loader = reading["loader"] = build_data(cfg, core, splits=cfg.data.train, weights=cfg.data.weights,
+                                                    train=True, rank=rank, world=world, epoch=epoch,
+                                                    skip_batches=batch_in_epoch)
             for batch in loader:
                 batch_in_epoch += 1
                 yield batch
+            del reading["loader"]
+            data_read.update(loader.stats)
             if is_main and loader.stats:
                 loader.report(print_fn=lambda s: tqdm.write(f"epoch {epoch} data: {s}"))
             epoch, batch_in_epoch = epoch + 1, 0
+
+    def data_counts() -> dict:
+        """Training samples read and skipped (with reasons) since this process started."""
+        stats = data_read + (reading["loader"].stats if "loader" in reading else Counter())
+        return read_counts(stats, complete=True)
 
     writer = None
     fit_labels: set[str] = set()
@@ -488,7 +509,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 out = model(batch)
                 loss = out["loss"] / cfg.optim.accum_steps
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; "
+                keys = batch["__key__"]
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1} on a batch of {len(keys)} "
+                                    f"samples ({', '.join(keys[:4])}{', ...' * (len(keys) > 4)}); "
                                     f"last good checkpoint: {last_ckpt}")
             (scaler.scale(loss) if scaler else loss).backward()
             for k, v in loss_items(out).items():
@@ -571,18 +594,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             if val:
                 val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
                 fit = fit_metrics(host, cfg, fit_labels) if cfg.report.fit_samples else {}
+                counts = data_counts()
+                read = {"data/samples_read": counts["samples_read"], "data/missing_samples": counts["missing_samples"],
+                        **{f"data/skipped/{k}": v for k, v in counts["skipped"].items()}}
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss, **fit}) + "\n")
+                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss, **fit, **read}) + "\n")
                 for k, v in {**val, **fit}.items():
                     writer.add_scalar(k, v, step)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in {**val, **fit}.items()
                                                         if k.endswith("/loss") or k.startswith("fit")))
             state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total,
-                     "replans": replans}
+                     "replans": replans, "configured_steps": cfg.steps}
             if val_loss < best:
                 best = state["best"] = val_loss
-                save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state)
-            save_checkpoint(ckpt_dir / f"step_{step:06d}", host, optimizer, scaler, state)
+                save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state, rng_state())
+            save_checkpoint(ckpt_dir / f"step_{step:06d}", host, optimizer, scaler, state, rng_state())
             prune_checkpoints(ckpt_dir, cfg.keep_last)
             last_ckpt = str(ckpt_dir / f"step_{step:06d}")
     bar.close()
@@ -596,7 +622,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
         plot_metrics(log_path, out_dir / "plots")
         if cfg.final_eval:
-            final_report(host, cfg, out_dir, fit_labels=fit_labels or None)
+            final_report(host, cfg, out_dir, fit_labels=fit_labels or None, train_data=data_counts())
     if world > 1:
         dist.barrier()
     return out_dir
@@ -629,8 +655,8 @@ def fit_metrics(model: MultimodalModel, cfg: TrainConfig, labels: set[str]) -> d
     return {f"fit/{k}": cap[k] for k in ("label_accuracy", "distinct", "CIDEr") if cap.get(k) is not None}
 
 
-def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit_labels: set[str] | None = None
-                 ) -> dict:
+def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit_labels: set[str] | None = None,
+                 train_data: dict | None = None) -> dict:
     """Evaluate every validation split beside its baselines (nearest neighbour from the training split,
     majority, chance, shuffled media) and the model's fit on its training images; write metrics JSON, a
     report per split and ``report/summary.md``. ``fit_labels``: the fit split's labels, when the caller has
@@ -652,8 +678,14 @@ def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit
                                   fuse_question=cfg.data.loader.fuse_question, name=split, reference=reference,
                                   wordings=wordings, qa_decode=dataclasses.replace(decode, num_beams=cfg.report.qa_beams))
         write_report(results[split], out_dir / "report" / split)
-    summary: dict = {split: r["metrics"] for split, r in results.items()}
+    summary: dict = {split: {**r["metrics"], "data": r["data"]} for split, r in results.items()}
     lines = [f"# {cfg.name}: the model beside its baselines", ""]
+    if train_data is not None:  # what the training process read (since its last resume)
+        summary["train_data"] = train_data
+        skipped = ", ".join(f"{k} {v}" for k, v in train_data["skipped"].items()) or "none"
+        lines += [f"Training data read: {train_data['samples_read']:,} samples; skipped: {skipped}"
+                  + (f"; {train_data['missing_samples']:,} samples the manifest counts were not in their shards"
+                     if train_data["missing_samples"] else "") + ".", ""]
     if cfg.report.fit_samples:
         labels = fit_labels or split_labels(manifest.split(fit_split(cfg)))
         for name, loo in (("train_fit", False), ("train_fit_loo", True)) if model.memory is not None else \
@@ -681,9 +713,9 @@ def cmd_train(args) -> int:
     if not cfg.name or cfg.name == "run":
         cfg.name = Path(args.config).stem
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLoss as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -691,6 +723,8 @@ def cmd_train(args) -> int:
 def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train from a YAML config (experiments/*.yaml)")
     p.add_argument("config")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint that loads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (its checkpoints, model, logs and report)")
     p.add_argument("overrides", nargs="*", help="--key.path=value overrides")
     p.set_defaults(func=cmd_train)

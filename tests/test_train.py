@@ -136,7 +136,8 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
     res = run_cli(tiny_train_config(tmp_path / "run", **{"optim.lr": 1e30, "optim.warmup_steps": 1,
                                                         "optim.grad_clip": 0.0, "steps": 40}), tmp_path)
     assert res.returncode == 1
-    assert "non-finite loss" in res.stdout and "at step" in res.stdout and "last good checkpoint" in res.stdout
+    assert "non-finite loss" in res.stderr and "at step" in res.stderr and "last good checkpoint" in res.stderr
+    assert "on a batch of 8 samples (" in res.stderr  # names the samples it happened on
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -370,3 +371,142 @@ def test_fused_question_is_recorded_in_the_saved_model(tmp_path):
     assert saved["fuse_question"] is True
     bad = run_cli(tiny_train_config(tmp_path / "bad", steps=1, **{"model.fuse_question": True}), tmp_path)
     assert bad.returncode != 0 and "set data.loader.fuse_question: true" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def test_a_second_run_into_a_finished_run_is_refused(reference_run, tmp_path):
+    """Without --resume or --overwrite a run never replaces another; the refusal is one line and leaves the
+    earlier run's files as they were. --resume with another number of steps is refused the same way."""
+    before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
+    cfg = tiny_train_config(reference_run)
+    res = run_cli(cfg, tmp_path)
+    assert res.returncode != 0
+    assert f"run folder {reference_run} already holds a finished run (model/); --resume continues it, " \
+           "--overwrite replaces it" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli(cfg, tmp_path, "--resume", "--steps=12")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--resume: config key 'steps' is 12 but the run in" in res.stderr and "was started with 6" in res.stderr
+    assert "--init_from=" in res.stderr
+    after = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == {p: t for p, t in before.items() if p.name != ".lock"}  # config.yaml not rewritten either
+
+
+def test_guard_and_overwrite_remove_only_what_a_run_writes(tmp_path):
+    from mmstory.checkpoints import RunFolderError, guard_run_folder, previous_run
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "notes.txt").write_text("mine")
+    assert previous_run(run) == "checkpoints (step_000002)"
+    with pytest.raises(RunFolderError, match="already holds checkpoints"):
+        guard_run_folder(run, resume=False, overwrite=False)
+    guard_run_folder(run, resume=True, overwrite=False)  # continuing is fine
+    with pytest.raises(RunFolderError, match="give one of them"):
+        guard_run_folder(run, resume=True, overwrite=True)
+    guard_run_folder(run, resume=False, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and previous_run(run) is None
+
+
+def test_run_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path):
+    import signal
+    import time
+
+    from mmstory.checkpoints import RunFolderError, RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmstory.checkpoints import RunLock\n"
+                               f"with RunLock(__import__('pathlib').Path({str(tmp_path)!r})):\n"
+                               "    print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=rf"run folder {tmp_path} is in use by another training process "
+                                                 rf"\(pid {holder.pid}\)"):
+            RunLock(tmp_path).__enter__()
+        import mmstory.train as tr  # train() takes the lock before it builds or writes anything
+
+        with pytest.raises(RunFolderError, match="is in use by another training process"):
+            tr.train(TrainConfig(out_dir=str(tmp_path)))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    with RunLock(tmp_path):  # kill -9 released it: no stale lock
+        pass
+
+
+def test_resume_skips_a_truncated_checkpoint_and_a_stale_swap_folder(reference_run, tmp_path):
+    """A kill during the best-checkpoint swap leaves best.old; a crash while the disk filled leaves a truncated
+    latest checkpoint. --resume repairs the one, skips the other (saying so), resumes from the checkpoint
+    before it and repeats the lost steps exactly."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    shutil.rmtree(run / "model")
+    shutil.copytree(run / "checkpoints" / "best", run / "checkpoints" / "best.old")
+    weights = run / "checkpoints" / "step_000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = run_cli(tiny_train_config(run), tmp_path, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoints: removed best.old, left by an interrupted checkpoint swap" in res.stdout
+    assert f"warning: skipping checkpoint {run / 'checkpoints' / 'step_000006'} that does not load" in res.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_000004'} at step 4" in res.stdout
+    assert step_losses(run) == step_losses(reference_run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step_000004", "step_000006"]
+
+
+def test_recover_finishes_or_undoes_an_interrupted_swap(tmp_path):
+    from mmstory.checkpoints import recover
+
+    ck = tmp_path / "checkpoints"
+    for name, files in (("best.old", ["model.safetensors"]), ("best.tmp", ["model.safetensors", "trainer_state.pt"]),
+                        ("step_000004.old", ["model.safetensors"]), ("step_000004.tmp", ["model.safetensors"]),
+                        ("step_000002.tmp", [])):
+        (ck / name).mkdir(parents=True)
+        for f in files:
+            (ck / name / f).write_text(name)
+    done = recover(ck)
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "step_000004"]
+    assert (ck / "best" / "model.safetensors").read_text() == "best.tmp"  # the complete new one won
+    assert (ck / "step_000004" / "model.safetensors").read_text() == "step_000004.old"  # put back
+    assert len(done) == 4
+
+
+def test_every_damaged_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    from mmstory.checkpoints import RunFolderError, load_latest
+    from mmstory.model import build_model
+
+    ck = tmp_path / "checkpoints"
+    (ck / "step_000002").mkdir(parents=True)
+    (ck / "step_000002" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunFolderError, match=r"no checkpoint in .* loads \(step_000002: .*--overwrite"):
+        load_latest(ck, build_model(tiny_config()), torch.device("cpu"), log=lambda *_: None)
+    assert load_latest(tmp_path / "none", build_model(tiny_config()), torch.device("cpu")) is None
+
+
+def test_a_shard_shorter_than_its_manifest_stops_the_run_before_it_starts(tmp_path):
+    """Sizes of the local shards are checked against the manifest at start (mmstory data verify does the rest)."""
+    from mmstory.data.manifest import ManifestError
+    from mmstory.train import check_data
+
+    manifest = json.loads((ROOT / "data_manifests/emoji.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            shard["path"] = str(ROOT / "data_manifests" / shard["path"])
+    shard = manifest["splits"]["val_novel"]["shards"][0]
+    short = tmp_path / "val_novel-000000.tar"
+    short.write_bytes(Path(shard["path"]).read_bytes()[:100_000])
+    shard["path"] = str(short)
+    manifest["tokenizer"] = str(ROOT / "data_manifests" / manifest["tokenizer"])
+    manifest["card"] = str(ROOT / "data_manifests" / manifest["card"])
+    path = tmp_path / "emoji.json"
+    path.write_text(json.dumps(manifest))
+    cfg = TrainConfig()
+    cfg.data.manifest = str(path)
+    with pytest.raises(ManifestError, match=r"val_novel-000000.tar: size mismatch \(expected [\d,]+ bytes, got 100,000\)"):
+        check_data(cfg)
+    cfg.data.val = ["val_style", "val_nouvel"]
+    with pytest.raises(ManifestError, match="has no split 'val_nouvel'"):
+        check_data(cfg)
