@@ -21,7 +21,9 @@ env: .venv/.installed
 test: .venv/.installed
 	$(PY) -m pytest -q
 
+# a second `make main` is refused (the run folder holds a run): `make main ARGS=--overwrite` replaces it,
+# `make main ARGS=--resume` continues an interrupted one
 main: .venv/.installed
-	.venv/bin/mmstory train experiments/emoji_tiny.yaml
+	.venv/bin/mmstory train experiments/emoji_tiny.yaml $(ARGS)
 
 .PHONY: env test main

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "fuse_question": rc["data"]["loader"].get("fuse_question", False)}
     else:
         t0 = time.perf_counter()
-        run = train(cfg)
+        run = train(cfg, overwrite=True)  # a benchmark reruns into the same folder
         rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         models["mmstory"] = mmstory.load(run / "model")
         trained["mmstory"] = {"steps": max(r["step"] for r in rows),
