@@ -510,3 +510,30 @@ def test_a_shard_shorter_than_its_manifest_stops_the_run_before_it_starts(tmp_pa
     cfg.data.val = ["val_style", "val_nouvel"]
     with pytest.raises(ManifestError, match="has no split 'val_nouvel'"):
         check_data(cfg)
+
+
+def test_lr_multipliers_by_module_scale_their_groups_and_follow_the_schedule():
+    """optim.lr_mult gives a module's parameters lr * multiplier (longest path wins), decay rules unchanged; the
+    LambdaLR schedule scales every group alike; a path that is not a module is named."""
+    from mmstory.model import build_model
+    from mmstory.train import param_groups
+
+    model = build_model(tiny_config())
+    groups = param_groups(model, 0.05, 1e-3, {"encoders": 0.5, "encoders.text": 0.1})
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        want = 1e-4 if name.startswith("encoders.text.") else 5e-4 if name.startswith("encoders.") else 1e-3
+        assert lr_of[id(p)] == pytest.approx(want), name
+        assert decay_of[id(p)] == (0.05 if p.dim() >= 2 else 0.0), name
+    assert groups[0]["lr"] == 1e-3  # the logged lr is the base one
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    opt.step()
+    sched.step()
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [5e-5, 2.5e-4, 5e-4]
+    with pytest.raises(ValueError, match=r"'optim.lr_mult': no module 'encoders.txt' in the model; modules here: .*encoders.text"):
+        param_groups(model, 0.05, 1e-3, {"encoders.txt": 0.1})
+    # without multipliers: the two groups of before, in the same order (checkpoints of earlier runs resume)
+    plain = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and "lr" not in plain[0]
