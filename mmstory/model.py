@@ -12,6 +12,7 @@ predict, and letting the decoder read it would teach it to copy.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 import yaml
 
 from mmstory import inference
-from mmstory.config import Component, ModelConfig, from_dict, to_dict, yaml_load
+from mmstory.config import Component, ConfigError, ModelConfig, from_dict, load_yaml, to_dict
 from mmstory.decoder import TextDecoder
 from mmstory.encoders import ENCODERS, EncoderOutput
+from mmstory.errors import UserError
 from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
@@ -258,26 +260,42 @@ class MultimodalModel(nn.Module):
     # ---------------------------------------------------------------- save / load
     def save(self, folder: str | os.PathLike) -> None:
         """A folder with ``model.safetensors`` and ``config.yaml`` (plus tokenizer files). The saved config
-        rebuilds the architecture without reaching for pretrained weights; the weights come from the file."""
+        rebuilds the architecture without reaching for pretrained weights; the weights come from the file.
+        A full disk raises ``UserError`` naming the file ("no space left on device while writing ...")."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_model
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = dataclasses.replace(self.config) if self.config else ModelConfig()
-        cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder)
-                                     if hasattr(enc, "checkpoint_args") else dict(cfg.encoders[m].args))
-                        for m, enc in self.encoders.items()}
-        dec = self.decoder.args
-        cfg.decoder = dataclasses.replace(cfg.decoder, dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],
-                                          mlp_ratio=float(dec["mlp_ratio"]), max_len=dec["max_len"],
-                                          vocab_size=dec["vocab_size"], pretrained=None)
-        spec = self.tokenizer.save(folder / "tokenizer")
-        cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind=spec["kind"],
-                                            path=None if spec["path"] is None else str(Path("tokenizer") / spec["path"]))
-        save_model(self, str(folder / "model.safetensors"))
-        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
-        if self.memory is not None:
-            self.memory.save(folder)
+        writing = folder  # the file being written, for the error message
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg = dataclasses.replace(self.config) if self.config else ModelConfig()
+            cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder)
+                                         if hasattr(enc, "checkpoint_args") else dict(cfg.encoders[m].args))
+                            for m, enc in self.encoders.items()}
+            dec = self.decoder.args
+            cfg.decoder = dataclasses.replace(cfg.decoder, dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],
+                                              mlp_ratio=float(dec["mlp_ratio"]), max_len=dec["max_len"],
+                                              vocab_size=dec["vocab_size"], pretrained=None)
+            writing = folder / "tokenizer"
+            spec = self.tokenizer.save(folder / "tokenizer")
+            path = None if spec["path"] is None else str(Path("tokenizer") / spec["path"])
+            cfg.tokenizer = dataclasses.replace(cfg.tokenizer, kind=spec["kind"], path=path)
+            writing = folder / "model.safetensors"
+            save_model(self, str(writing))
+            writing = folder / "config.yaml"
+            writing.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+            if self.memory is not None:
+                writing = folder / "memory.safetensors"
+                self.memory.save(folder)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"no space left on device while writing {e.filename or writing}") from e
+            raise
+        except SafetensorError as e:  # safetensors reports I/O errors as "... No space left on device (os error 28)"
+            if f"os error {errno.ENOSPC}" in str(e):
+                raise UserError(f"no space left on device while writing {writing}") from e
+            raise
 
 
 def build_model(cfg: ModelConfig, *, base_dir: str | os.PathLike | None = None) -> MultimodalModel:
@@ -304,17 +322,52 @@ def build_model(cfg: ModelConfig, *, base_dir: str | os.PathLike | None = None) 
                            dim=cfg.dim, embed_dim=cfg.embed_dim, config=cfg)
 
 
+class ModelFolderError(UserError, FileNotFoundError):
+    """``path`` is not a model folder mmstory can load (missing, not a folder, or lacking a file); also a
+    FileNotFoundError, as ``load`` raised before."""
+
+
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> MultimodalModel:
     """Load a folder written by ``MultimodalModel.save``. Weights come from safetensors only: loading
-    never unpickles code from a file."""
+    never unpickles code from a file. A folder that is missing, incomplete, truncated or not written by
+    ``save`` raises ``UserError`` naming the file and what is wrong with it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     folder = Path(path)
-    if not (folder / "config.yaml").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} is not an mmstory model folder (needs config.yaml and model.safetensors)")
-    cfg = from_dict(ModelConfig, yaml_load((folder / "config.yaml").read_text()))
-    model = build_model(cfg, base_dir=folder).to(map_location)
-    load_model(model, str(folder / "model.safetensors"), device=str(map_location))
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder not found: {folder}" if not folder.exists() else
+                               f"{folder} is a file, not a model folder (needs config.yaml and model.safetensors)")
+    missing = [f for f in ("config.yaml", "model.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise ModelFolderError(f"{folder} is not an mmstory model folder (needs config.yaml and model.safetensors; "
+                               f"{' and '.join(missing)} missing)")
+    config_file = folder / "config.yaml"
+    try:
+        cfg = from_dict(ModelConfig, load_yaml(config_file))
+    except ConfigError as e:
+        raise ConfigError(f"{e}" if str(config_file) in str(e) else f"{config_file}: {e}") from None
+    tokenizer = cfg.tokenizer.path
+    if tokenizer is not None and not (folder / tokenizer).exists() and not Path(tokenizer).exists():
+        raise ModelFolderError(f"{folder} lacks its tokenizer {tokenizer} (named in {config_file})")
+    try:
+        model = build_model(cfg, base_dir=folder).to(map_location)
+    except ValueError as e:  # a constructor refused a value of the saved config
+        raise ConfigError(f"{config_file} does not build a model: {e}") from e
+    weights = folder / "model.safetensors"
+    try:
+        load_model(model, str(weights), device=str(map_location))
+    except SafetensorError as e:
+        raise UserError(f"{weights} is not a readable safetensors file (truncated or corrupt): {e}") from None
+    except RuntimeError as e:  # missing / unexpected tensors or a shape mismatch
+        reason = " ".join(str(e).split())
+        raise UserError(f"{weights} does not hold the weights of the model {config_file} describes: "
+                        f"{reason[:500]}") from None
     if model.memory is not None:
-        model.memory.load(folder)
+        try:
+            model.memory.load(folder)
+        except SafetensorError as e:
+            raise UserError(f"{folder / 'memory.safetensors'} is not a readable safetensors file: {e}") from None
+        except FileNotFoundError as e:
+            raise ModelFolderError(str(e)) from None
     return model.eval()
