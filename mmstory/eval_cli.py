@@ -10,14 +10,21 @@ An image folder with captions is evaluated without code: convert it first,
     mmstory data build image-folder IMAGES captions.jsonl out/ --split val
     mmstory eval CHECKPOINT --data out/manifest.json
 (JSONL rows: {"image": "a.png", "captions": ["...", ...]}; CSV: image,caption.)
+
+``caption`` and ``retrieve`` read every file first: one that cannot be read is reported on stderr as
+``error: FILE: reason``, the others are captioned (ranked), and the command exits 1 at the end so scripts
+notice (mmstory/cli.py lists the exit codes).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 from mmstory.data.transforms import AUDIO_EXTS, IMAGE_EXTS
+from mmstory.errors import UserError
 
 
 def _load(path: str, device: str | None):
@@ -30,15 +37,66 @@ def _decode_options(args: argparse.Namespace) -> dict:
     return {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens}
 
 
+def _int_at_least(name: str, lowest: int):
+    """An argparse ``type`` for an integer >= ``lowest`` ("argument -k: k must be >= 1, got 0")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lowest}, got {value}")
+        return value
+    return parse
+
+
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beams", type=int, default=1, help="beam width (default: 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="longest output in tokens (default: 20)")
+    p.add_argument("--beams", type=_int_at_least("beams", 1), default=1, help="beam width (default: 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=_int_at_least("max-new-tokens", 1), default=20,
+                   help="longest output in tokens (default: 20)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=_int_at_least("batch-size", 1), default=32,
+                   help="inputs per forward pass (default: 32)")
 
 
 def _is_audio(path: str) -> bool:
     return Path(path).suffix.lower().lstrip(".") in AUDIO_EXTS
+
+
+def _read_media(model, path: str) -> tuple[str, object]:
+    """("image", PIL image) or ("audio", waveform at the audio encoder's rate) for one file, decoded as
+    ``model.caption(path)`` would decode it; a file that cannot be read is a UserError ``FILE: reason``."""
+    from mmstory import inference
+
+    modality = "audio" if _is_audio(path) else "image"
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path}: is a folder, not a file")
+    if not p.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        inference.require_encoder(model, modality)
+        if modality == "image":
+            return modality, inference.to_pil(path)
+        return modality, inference.load_waveform(path, model.encoders["audio"].preprocess["sample_rate"])
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from e
+    except ValueError as e:  # "cannot read image PATH: UnidentifiedImageError: ...", a NaN clip, no such encoder
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e).replace(f"{modality} {path}", modality))
+        raise UserError(f"{path}: {reason}") from e
+
+
+def _read_all(model, paths: list[str]) -> tuple[dict[str, tuple[str, object]], int]:
+    """The files that read (path -> ``_read_media``) and how many did not; each failure is printed as
+    ``error: FILE: reason`` on stderr."""
+    media, failed = {}, 0
+    for path in paths:
+        try:
+            media[path] = _read_media(model, path)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return media, failed
 
 
 def _expand(entries: list[str], exts) -> list[str]:
@@ -67,7 +125,7 @@ def _eval_sources(data: list[str], splits: list[str] | None) -> list[tuple[str, 
         names = splits or [n for n in manifest.splits if "val" in n or "test" in n] or list(manifest.splits)
         return [(n, manifest.split(n)) for n in names]
     if splits:
-        raise SystemExit("--split needs --data to be a manifest JSON; shard files are evaluated as one split")
+        raise UserError("--split needs --data to be a manifest JSON; shard files are evaluated as one split")
     return [("data", data)]
 
 
@@ -84,7 +142,7 @@ def _reference(args: argparse.Namespace, model, data) -> object | None:
         manifest_path, split = split.rsplit(":", 1)
     if manifest_path is None:
         if split:
-            raise SystemExit("--reference SPLIT needs --data to be a manifest JSON (or give MANIFEST.json:SPLIT)")
+            raise UserError("--reference SPLIT needs --data to be a manifest JSON (or give MANIFEST.json:SPLIT)")
         return None
     manifest = load_manifest(manifest_path)
     if split is None:
@@ -92,7 +150,7 @@ def _reference(args: argparse.Namespace, model, data) -> object | None:
             return None
         split = "train"
     if split not in manifest.splits:
-        raise SystemExit(f"--reference: {manifest_path} has no split {split!r} (splits: {', '.join(manifest.splits)})")
+        raise UserError(f"--reference: {manifest_path} has no split {split!r} (splits: {', '.join(manifest.splits)})")
     return reference_bank(model, manifest.split(split), data=data, name=split, progress=not args.quiet)
 
 
@@ -130,45 +188,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     model = _load(args.checkpoint, args.device)
     opts = dict(_decode_options(args), batch_size=args.batch_size, prompt=args.prompt)
-    audio = [f for f in args.inputs if _is_audio(f)]
-    images = [f for f in args.inputs if not _is_audio(f)]
-    captions = dict(zip(images, model.caption(images, **opts))) if images else {}
-    if audio:
-        captions.update(zip(audio, model.caption(None, audio=audio, **opts)))
+    media, failed = _read_all(model, args.inputs)
+    captions = {}
+    for modality in ("image", "audio"):
+        files = [f for f, (m, _) in media.items() if m == modality]
+        if files:
+            items = [media[f][1] for f in files]
+            out = model.caption(items, **opts) if modality == "image" else model.caption(None, audio=items, **opts)
+            captions.update(zip(files, out))
     for f in args.inputs:
-        print(f"{f}\t{captions[f]}")
-    return 0
+        if f in captions:
+            print(f"{f}\t{captions[f]}")
+    return 1 if failed else 0
+
+
+def _check_question(model, question: str) -> None:
+    """The QA prompt with ``question`` leaves the decoder room for an answer (else a UserError saying so,
+    rather than a message quoting the whole question)."""
+    from mmstory.inference import QA_PROMPT
+
+    tokens = 1 + len(model.tokenizer.encode(QA_PROMPT.format(question=question)))  # + bos
+    if tokens >= model.decoder.max_len:
+        raise UserError(f"the question is too long: with its prompt it takes {tokens} tokens, and this model's "
+                        f"decoder holds {model.decoder.max_len} (prompt and answer together)")
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    question = args.question.strip()
+    if not question:
+        raise UserError("the question is empty")
     model = _load(args.checkpoint, args.device)
-    media = {"audio" if _is_audio(args.input) else "image": args.input}
-    print(model.answer(question=args.question, **media, **_decode_options(args)))
+    _check_question(model, question)
+    modality, item = _read_media(model, args.input)
+    print(model.answer(question=args.question, **{modality: item}, **_decode_options(args)))
     return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"texts file {'is a folder' if p.is_dir() else 'not found'}: {path}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"texts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts = [t.strip() for t in lines if t.strip()]
+    if not texts:
+        raise UserError(f"texts file {path} has no non-empty line")
+    return texts
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    if args.query is not None and not args.query.strip():
+        raise UserError("the query is empty")
     model = _load(args.checkpoint, args.device)
+    failed = 0
     if args.texts:
-        lines = Path(args.texts).read_text(encoding="utf-8").splitlines() if Path(args.texts).is_file() else None
-        if lines is None:
-            raise FileNotFoundError(f"texts file not found: {args.texts}")
-        gallery, gallery_modality = [t.strip() for t in lines if t.strip()], "text"
-    elif args.images:
-        gallery, gallery_modality = _expand(args.images, IMAGE_EXTS), "image"
+        gallery = items = _read_texts(args.texts)
+        gallery_modality = "text"
     else:
-        gallery, gallery_modality = _expand(args.audio, AUDIO_EXTS), "audio"
+        exts, gallery_modality = (IMAGE_EXTS, "image") if args.images else (AUDIO_EXTS, "audio")
+        files = _expand(args.images or args.audio, exts)
+        media, failed = _read_all(model, files)
+        gallery = [f for f in files if f in media]
+        items = [media[f][1] for f in gallery]
+        if not items:
+            raise UserError(f"none of the {len(files)} {gallery_modality} files could be read")
+        if any(media[f][0] != gallery_modality for f in gallery):
+            raise UserError(f"--{'images' if args.images else 'audio'} takes {gallery_modality} files only, got "
+                            f"{next(f for f in gallery if media[f][0] != gallery_modality)}")
     if args.query is not None:
         query, query_modality = args.query, "text"
-    elif args.query_image is not None:
-        query, query_modality = args.query_image, "image"
     else:
-        query, query_modality = args.query_audio, "audio"
-    matches = model.retrieve(query, gallery, args.k, query_modality=query_modality,
+        query_modality, query = _read_media(model, args.query_image or args.query_audio)
+        expected = "image" if args.query_image else "audio"
+        if query_modality != expected:
+            raise UserError(f"--query-{expected}: {args.query_image or args.query_audio} is not a {expected} file")
+    matches = model.retrieve(query, items, args.k, query_modality=query_modality,
                              gallery_modality=gallery_modality, batch_size=args.batch_size)
     for n, m in enumerate(matches, 1):
-        print(f"{n}\t{m.score:.4f}\t{m.item}")
-    return 0
+        print(f"{n}\t{m.score:.4f}\t{gallery[m.index]}")
+    return 1 if failed else 0
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -180,10 +280,12 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", action="append",
                    help="manifest split to evaluate (repeatable; default: every split named *val* or *test*)")
     p.add_argument("--out", help="output folder (default: CHECKPOINT/eval); one sub-folder per split")
-    p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of each split")
+    p.add_argument("--max-samples", type=_int_at_least("max-samples", 1),
+                   help="evaluate only the first N samples of each split")
     p.add_argument("--tasks", default="caption,qa,retrieval,zeroshot", help="comma-separated (default: all)")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
-    p.add_argument("--examples", type=int, default=16, help="examples shown in the report (default: 16)")
+    p.add_argument("--workers", type=_int_at_least("workers", 0), default=2, help="data loader workers (default: 2)")
+    p.add_argument("--examples", type=_int_at_least("examples", 0), default=16,
+                   help="examples shown in the report (default: 16)")
     p.add_argument("--fuse-question", action=argparse.BooleanOptionalAction, default=None,
                    help="give questions to the fusion too (default: as the model was trained, from its config)")
     p.add_argument("--reference", help="training split for the nearest-neighbour baselines: a split of the --data "
@@ -218,7 +320,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--images", nargs="+", help="image files and/or folders to rank")
     g.add_argument("--audio", nargs="+", help="audio files and/or folders to rank")
     g.add_argument("--texts", help="text file, one candidate per line")
-    p.add_argument("-k", type=int, default=5, help="results to show (default: 5)")
+    p.add_argument("-k", type=_int_at_least("k", 1), default=5, help="results to show (default: 5)")
     p.add_argument("--device", help="cpu, cuda ... (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_int_at_least("batch-size", 1), default=64)
     p.set_defaults(func=cmd_retrieve)
