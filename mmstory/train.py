@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load_latest, prune_checkpoints, recover,
                                  save_checkpoint, truncate_log)
-from mmstory.config import ModelConfig, load_config, to_dict
+from mmstory.config import (ConfigError, ModelConfig, _count, _is_number, _positive_int, _require, load_config,
+                            to_dict)
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
 from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders
 from mmstory.feature_cache import FeatureCache
@@ -47,6 +48,14 @@ class DataSpec:
     val: list[str] = field(default_factory=lambda: ["val_style", "val_novel", "audio_val_novel"])
     loader: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self):
+        _require(bool(self.train), "train", self.train, "at least one source: {name: split}")
+        for name, w in self.weights.items():
+            _require(_is_number(w) and w > 0, f"weights.{name}", w, "> 0")
+        extra = sorted(set(self.weights) - set(self.train))
+        _require(not extra, "weights", self.weights, f"weights of the sources in data.train {sorted(self.train)} "
+                 f"(no source {extra[0] if extra else ''!r})")
+
 
 @dataclass
 class OptimConfig:
@@ -60,6 +69,20 @@ class OptimConfig:
     accum_steps: int = 1
     # learning-rate multipliers by module path, e.g. {encoders.text: 0.1} to tune a pretrained tower gently
     lr_mult: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "> 0")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "two numbers in [0, 1)")
+        _require(_is_number(self.eps) and self.eps > 0, "eps", self.eps, "> 0")
+        _count("warmup_steps", self.warmup_steps)
+        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio,
+                 "a number in [0, 1]")
+        _require(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: off)")
+        _positive_int("accum_steps", self.accum_steps)
+        for path, mult in self.lr_mult.items():
+            _require(_is_number(mult) and mult >= 0, f"lr_mult.{path}", mult, ">= 0")
 
 
 @dataclass
@@ -75,6 +98,13 @@ class ReportConfig:
     fit_split: str | None = None
     # nearest-neighbour baselines from this split (default: fit_split) beside every image metric
     reference_split: str | None = None
+
+    def __post_init__(self):
+        for key in ("max_samples", "num_beams", "qa_beams", "max_new_tokens"):
+            _positive_int(key, getattr(self, key))
+        _count("fit_samples", self.fit_samples)
+        unknown = sorted(set(self.tasks) - {"caption", "qa", "retrieval", "zeroshot"})
+        _require(not unknown, "tasks", self.tasks, "a list of caption, qa, retrieval, zeroshot")
 
 
 @dataclass
@@ -113,9 +143,13 @@ class TrainConfig:
                    "distributed": ("ddp", "fsdp")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
-                raise ValueError(f"config key '{key}': {getattr(self, key)!r} is not one of {valid}")
-        if self.steps < 1 or self.optim.accum_steps < 1:
-            raise ValueError("config keys 'steps' and 'optim.accum_steps' must be >= 1")
+                raise ConfigError(f"config key '{key}': {getattr(self, key)!r} is not one of {valid}")
+        for key in ("steps", "log_every", "eval_batches", "ckpt_every", "keep_last"):
+            _positive_int(key, getattr(self, key))
+        for key in ("eval_every", "threads", "seed"):
+            _count(key, getattr(self, key))
+        _require(_is_number(self.max_minutes) and self.max_minutes >= 0, "max_minutes", self.max_minutes,
+                 ">= 0 (0: no budget)")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -197,11 +231,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
     names = dict(model.named_modules())
     unknown = sorted(p for p in lr_mult if p not in names)
     if unknown:
-        raise ValueError(f"config key 'optim.lr_mult': no module {unknown[0]!r} in the model; modules here: "
+        raise ConfigError(f"config key 'optim.lr_mult': no module {unknown[0]!r} in the model; modules here: "
                          f"{', '.join(sorted(n for n in names if n and n.count('.') <= 1))}")
     bad = {p: m for p, m in lr_mult.items() if not (isinstance(m, (int, float)) and m >= 0)}
     if bad:
-        raise ValueError(f"config key 'optim.lr_mult': multipliers must be numbers >= 0, got {bad}")
+        raise ConfigError(f"config key 'optim.lr_mult': multipliers must be numbers >= 0, got {bad}")
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -335,10 +369,10 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
 def check_run_config(cfg: TrainConfig) -> None:
     """Config errors that need more than one key to see, raised before anything is built or written."""
     if cfg.model.retrieval.k and "encoders.image" not in cfg.freeze:
-        raise ValueError("config key 'model.retrieval.k' > 0 needs a frozen image encoder (freeze: [encoders.image]): "
+        raise ConfigError("config key 'model.retrieval.k' > 0 needs a frozen image encoder (freeze: [encoders.image]): "
                          "retrieval keys are its features, computed once")
     if cfg.model.fuse_question and not cfg.data.loader.fuse_question:
-        raise ValueError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
+        raise ConfigError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
                          "(the loader makes the fused question); set data.loader.fuse_question: true instead")
 
 
@@ -380,7 +414,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     if world > 1 and not cfg.data.loader.resampled:
         # In epoch mode ranks can run out of a source at different steps and then disagree on which
         # modality the next batch holds; resampled streams keep every rank in lockstep.
-        raise ValueError("config key 'data.loader.resampled' must be true when training on several processes")
+        raise ConfigError("config key 'data.loader.resampled' must be true when training on several processes")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
@@ -465,7 +499,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     core = model
     fsdp = world > 1 and cfg.distributed == "fsdp"
     if fsdp and last is not None:
-        raise ValueError("--resume with distributed: fsdp is not supported yet (the optimizer state is saved "
+        raise ConfigError("--resume with distributed: fsdp is not supported yet (the optimizer state is saved "
                          "unsharded only for DDP); resume with distributed: ddp")
     if fsdp:
         from torch.distributed.fsdp import fully_shard

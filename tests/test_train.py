@@ -537,3 +537,19 @@ def test_lr_multipliers_by_module_scale_their_groups_and_follow_the_schedule():
     # without multipliers: the two groups of before, in the same order (checkpoints of earlier runs resume)
     plain = param_groups(model, 0.05)
     assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and "lr" not in plain[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--keep_last=0", "config key 'keep_last': must be an integer >= 1, got 0"),
+    ("--optim.lr=-1", "config key 'optim.lr': must be > 0, got -1.0"),
+    ("--optim.betas=[1.5,0.9]", "config key 'optim.betas': must be two numbers in [0, 1), got [1.5, 0.9]"),
+    ("--optim.min_lr_ratio=2", "config key 'optim.min_lr_ratio': must be a number in [0, 1], got 2"),
+    ("--optim.lr_mult={encoders.text: -1}", "config key 'optim.lr_mult.encoders.text': must be >= 0, got -1.0"),
+    ("--report.tasks=[nope]", "config key 'report.tasks': must be a list of caption, qa, retrieval, zeroshot"),
+    ("--data.weights.video=1", "config key 'data.weights': must be weights of the sources in data.train"),
+    ("--max_minutes=-1", "config key 'max_minutes': must be >= 0 (0: no budget), got -1"),
+])
+def test_training_config_values_are_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, ROOT / "experiments/emoji_tiny.yaml", [override])
+    assert str(e.value).startswith(message)
