@@ -18,6 +18,7 @@ Guarantees:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -131,12 +132,14 @@ def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, rng: di
 
 def _raise_write_error(path: Path, e: Exception) -> None:
     """A full disk shows up as OSError(ENOSPC) from Python, but as a RuntimeError ("enforce fail at
-    inline_container.cc ... file write failed") from torch.save: say what it is and where."""
-    free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+    inline_container.cc ... unexpected pos" / "file write failed") from torch.save: raise it as ENOSPC with the
+    checkpoint's path and the space left, which the command line prints in one line."""
+    if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+        raise e
     if isinstance(e, OSError) or "inline_container" in str(e) or "write failed" in str(e):
-        raise OSError(getattr(e, "errno", None) or 28,
-                      f"cannot write checkpoint {path} ({free / 1e6:,.0f} MB free on its disk): "
-                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        raise OSError(errno.ENOSPC, f"No space left on device ({free / 1e6:,.0f} MB free; the previous checkpoint "
+                                    f"is intact)", str(path)) from e
     raise e
 
 

@@ -553,3 +553,30 @@ def test_training_config_values_are_checked_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, ROOT / "experiments/emoji_tiny.yaml", [override])
     assert str(e.value).startswith(message)
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_keeps_the_previous(tmp_path, monkeypatch):
+    """torch.save into a full disk raises "enforce fail at inline_container.cc"; the trainer reports it as
+    ENOSPC with the checkpoint's path (one line on the command line), removes the half-written folder and
+    leaves the previous checkpoint as it was."""
+    import errno
+
+    import mmstory.checkpoints as ck
+    from mmstory.cli import user_error_message
+    from mmstory.model import build_model
+
+    model, folder = build_model(tiny_config()), tmp_path / "checkpoints" / "step_000002"
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save_checkpoint(folder, model, opt, None, {"step": 2}, {})
+    before = (folder / "model.safetensors").read_bytes()
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4306")
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(OSError) as e:
+        ck.save_checkpoint(folder, model, opt, None, {"step": 4}, {})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(folder) + ".tmp"
+    assert user_error_message(e.value) == f"no space left on device while writing {folder}.tmp"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["step_000002"]
+    assert (folder / "model.safetensors").read_bytes() == before
