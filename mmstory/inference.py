@@ -40,6 +40,7 @@ from PIL import Image
 from mmstory.data.pipeline import DataConfig
 from mmstory.data.transforms import AUDIO_EXTS, IMAGE_EXTS, ImageTransform, crop_audio, decode_audio, decode_image
 from mmstory.generation import DecodeOptions
+from mmstory.errors import UserError
 
 if TYPE_CHECKING:
     from mmstory.model import MultimodalModel
@@ -109,7 +110,7 @@ def to_pil(image: ImageInput) -> Image.Image:
         try:
             return decode_image(data)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-            raise ValueError(f"cannot read image {image}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read image {image}: {type(e).__name__}: {e}") from None
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
@@ -168,11 +169,14 @@ def load_waveform(audio: AudioInput, target_rate: int, sample_rate: int | None =
         try:
             return decode_audio(data, target_rate)
         except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/ValueError
-            raise ValueError(f"cannot read audio {audio}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read audio {audio}: {type(e).__name__}: {e}") from None
     wav = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     if wav.ndim != 1 or wav.size == 0:
         raise ValueError(f"a waveform must be a non-empty 1-D array; got shape {wav.shape}")
     wav = wav.astype(np.float32)
+    if not np.isfinite(wav).all():
+        raise UserError(f"the waveform has {int(np.count_nonzero(~np.isfinite(wav)))} samples that are not finite "
+                        f"(NaN or inf)")
     rate = sample_rate or target_rate
     if rate == target_rate:
         return wav

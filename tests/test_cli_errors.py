@@ -283,7 +283,8 @@ def test_caption_reports_an_unreadable_file_and_captions_the_rest(checkpoint, im
     expected = mmstory.load(checkpoint).caption([Image.open(p) for p in images], max_new_tokens=4)
     assert out.splitlines() == [f"{images[0]}\t{expected[0]}", f"{images[1]}\t{expected[1]}"]
     assert "Traceback" not in err
-    assert err.splitlines() == [f"error: {bad}: cannot read image: UnidentifiedImageError: cannot identify image file",
+    assert err.splitlines() == [f"error: {bad}: cannot read image: ValueError: not an image file that PIL can read "
+                                f"(12 bytes, starting b'not an i')",
                                 f"error: {missing}: no such file", f"error: {folder}: is a folder, not a file"]
 
 

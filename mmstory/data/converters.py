@@ -56,12 +56,16 @@ def load_image(path: Path, resize: int | None = None) -> tuple[str, bytes]:
     Raises OSError/ValueError (from PIL) for a damaged file."""
     from PIL import Image
 
+    from .transforms import _HIGH_BIT_DEPTH, to_rgb
+
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # full decode: Image.verify() misses truncated pixel data
         ext = IMAGE_FORMATS.get(im.format or "")
         if ext is not None and (resize is None or min(im.size) <= resize):
-            return ext, data
+            return ext, data  # kept as it is; the loader decodes 16-bit images right (transforms.to_rgb)
+        if im.mode in _HIGH_BIT_DEPTH:
+            im = to_rgb(im)  # 8 bits before resizing and re-encoding (PIL cannot write 16-bit JPEG/WebP)
         if resize is not None and min(im.size) > resize:
             scale = resize / min(im.size)
             im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
@@ -69,7 +73,7 @@ def load_image(path: Path, resize: int | None = None) -> tuple[str, bytes]:
         ext = ext or "png"
         buf = io.BytesIO()
         if ext == "jpg":
-            im.convert("RGB").save(buf, format="JPEG", quality=95)
+            to_rgb(im).save(buf, format="JPEG", quality=95)
         elif ext == "webp":
             im.save(buf, format="WEBP", quality=95)
         else:
@@ -80,12 +84,15 @@ def load_image(path: Path, resize: int | None = None) -> tuple[str, bytes]:
 def load_audio(path: Path) -> tuple[str, bytes]:
     """Return (extension, bytes) for an audio file, checking that it fully decodes with soundfile.
     wav/flac/mp3 are kept as they are; other formats soundfile reads are re-encoded to FLAC."""
+    import numpy as np
     import soundfile
 
     data = path.read_bytes()
     audio, rate = soundfile.read(io.BytesIO(data))
     if len(audio) == 0:
         raise ValueError("no audio frames")
+    if not np.isfinite(audio).all():
+        raise ValueError("samples that are not finite (NaN or inf)")
     ext = path.suffix.lower().lstrip(".")
     if ext in AUDIO_EXTS:
         return ext, data

@@ -97,6 +97,27 @@ def _is_url(s: str) -> bool:
     return s.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) is not None
 
 
+PIPE_OPT_IN = "MMSTORY_ALLOW_PIPE"
+
+
+def pipe_allowed() -> bool:
+    """Whether ``pipe:`` shard URLs may run (``mmstory --allow-pipe`` sets the variable, which DataLoader
+    workers inherit)."""
+    return os.environ.get(PIPE_OPT_IN, "") == "1"
+
+
+def check_url(url: str) -> None:
+    """Refuse a shard URL that would run a command or read stdin. webdataset's ``gopen`` hands ``pipe:CMD``
+    to a shell and reads ``-`` from stdin; its other schemes (http(s) through curl, gs, ais, hf) run a fixed
+    program with the URL as one argument, and local paths are opened directly. A manifest is data that people
+    download, so it must not execute anything unless the user says it is theirs."""
+    if url.startswith("pipe:") and not pipe_allowed():
+        raise ManifestError(f"shard {url!r} would run a shell command; manifests may only do that when you allow "
+                            f"it (mmstory --allow-pipe ..., or {PIPE_OPT_IN}=1), for manifests you wrote")
+    if url.strip() == "-":
+        raise ManifestError("shard '-' (standard input) is not a shard path")
+
+
 def _local_path(url: str) -> str | None:
     """The filesystem path of a local shard, or None for a remote one."""
     if url.startswith("file://"):
@@ -185,6 +206,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                 _check_keys(where, s, SHARD_KEYS, shown)
                 shards.append(ShardInfo(_resolve(s["path"], base), _opt_int(s.get("samples"), f"{where} samples", shown),
                                         _opt_int(s.get("bytes"), f"{where} bytes", shown), s.get("sha256")))
+        for shard in shards:
+            try:
+                check_url(shard.url)
+            except ManifestError as e:
+                raise ManifestError(f"{shown}: split '{name}': {e}") from None
         samples = _opt_int(spec.get("samples"), f"split '{name}' samples", shown)
         splits[name] = SplitInfo(name, shards, samples, spec.get("pattern"))
 
@@ -212,14 +238,20 @@ def check_shards(split_info: SplitInfo, *, sha256: bool = True, progress: bool =
     """Fast integrity check of a split's local shards: each exists, and its size and sha256 match the
     manifest where the manifest gives them. Remote shards are skipped (nothing to check offline).
 
-    Raises ManifestError naming the first bad shard.
+    Raises ManifestError naming every bad shard of the split.
     """
     if not split_info.shards:
         raise ManifestError(_no_shards(split_info))
+    problems = []
     for shard in tqdm(split_info.shards, desc=f"check {split_info.name}", unit="shard", disable=not progress):
         error = _shard_problem(shard, sha256=sha256)
         if error:
-            raise ManifestError(f"shard {shard.display}: {error}")
+            problems.append(f"shard {shard.display}: {error}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ManifestError(f"split '{split_info.name}': {len(problems)} of {len(split_info.shards)} shards "
+                            f"are not as the manifest says: {shown} (mmstory data verify MANIFEST checks them all, "
+                            f"reading every sample)")
 
 
 def _no_shards(split: SplitInfo) -> str:
@@ -269,6 +301,7 @@ class _HashingReader(io.RawIOBase):
 
 
 def _open_stream(url: str) -> BinaryIO:
+    check_url(url)
     path = _local_path(url)
     if path is not None:
         return open(path, "rb")
@@ -296,20 +329,26 @@ def _iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]
 
 
 def check_sample(files: dict[str, bytes], *, decode: bool = True) -> str | None:
-    """Why a sample is unusable (None if fine): decodes images, audio and json, and checks the json
-    follows the mmstory schema (captions: [str], qa: [{question, answers}], labels: {})."""
+    """Why a sample is unusable (None if fine): it needs an image or audio file and a json or text file (what
+    the loader trains on); with ``decode``, its images and audio decode exactly as the loader decodes them
+    (mmstory/data/transforms.py: 16-bit images rescaled, audio finite and non-empty) and its json follows
+    the mmstory schema (captions: [str], qa: [{question, answers}], labels: {})."""
+    lasts = {ext.rsplit(".", 1)[-1] for ext in files}
+    if not lasts & (IMAGE_EXTS | AUDIO_EXTS):
+        return f"no image or audio file (has {', '.join(sorted(files)) or 'nothing'})"
+    if not lasts & ({"json"} | TEXT_EXTS):
+        return f"no json or text file (has {', '.join(sorted(files))})"
     if not decode:
         return None
+    from mmstory.data.transforms import decode_audio, decode_image
+
     for ext, data in files.items():
         last = ext.rsplit(".", 1)[-1]
         try:
             if last in IMAGE_EXTS:
-                from PIL import Image
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
+                decode_image(data)
             elif last in AUDIO_EXTS:
-                import soundfile
-                soundfile.read(io.BytesIO(data))
+                decode_audio(data, None)
             elif last == "json":
                 problem = _schema_problem(json.loads(data.decode("utf-8")))
                 if problem:
@@ -348,6 +387,11 @@ def verify_shard(shard: ShardInfo, *, decode: bool = True) -> dict[str, Any]:
     path = _local_path(shard.url)
     if path is not None and not os.path.isfile(path):
         result["errors"].append(f"shard {name}: file is missing")
+        return result
+    try:
+        check_url(shard.url)
+    except ManifestError as e:
+        result["errors"].append(str(e))
         return result
     last_key = None
     try:

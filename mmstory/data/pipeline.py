@@ -56,13 +56,20 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmstory.data.manifest import check_url
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, BadSample, SampleDecoder
+from mmstory.errors import UserError
 from mmstory.tokenizer import Tokenizer, pad_sequences
 
 log = logging.getLogger(__name__)
 
 TASKS = ("caption", "caption_zh", "qa")
 MAX_WARNINGS_PER_WORKER = 20
+
+
+class EmptySplitError(UserError):
+    """A split gave no sample at all (every shard unreadable, missing or empty): a run would otherwise loop
+    over empty epochs forever."""
 
 
 @dataclass
@@ -157,6 +164,8 @@ def resolve_shards(source: Any) -> list[Shard]:
             shards.append(Shard(s.url, getattr(s, "samples", None)))
     if not shards:
         raise ValueError("no shards given")
+    for shard in shards:
+        check_url(shard.url)  # a manifest's pipe: shards never reach a shell without the user's opt-in
     return shards
 
 
@@ -212,10 +221,13 @@ def epoch_shards(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: boo
 
 
 class _SilentStats:
-    """Shard-level problems (unreadable or truncated tar) of a shard that several workers share are
-    reported once, by the worker reading it from offset 0; the others read it with this."""
+    """Shard-level problems (unreadable or truncated tar, samples missing) of a shard that several workers
+    share are reported once, by the worker reading it from offset 0; the others read it with this."""
 
     def bad(self, *args) -> None:
+        pass
+
+    def add(self, *args) -> None:
         pass
 
 
@@ -261,6 +273,11 @@ def read_stats(folder: str) -> Counter:
     return total
 
 
+def _bad_summary(stats: Counter) -> str:
+    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
+    return ", ".join(f"{k}={v}" for k, v in bad.items()) or "none counted"
+
+
 def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
     """Print (and return) one line: samples and batches produced, and bad data skipped per reason."""
     if not isinstance(stats, Counter):
@@ -268,23 +285,30 @@ def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
     bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
     line = (f"data: {stats.get('samples', 0)} samples in {stats.get('batches', 0)} batches; "
             + (f"skipped {sum(bad.values())} bad: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-               if bad else "no bad data"))
+               if bad else "no bad data")
+            + (f"; {stats['missing_samples']} samples the manifest counts were not in their shards"
+               if stats.get("missing_samples") else ""))
     print_fn(line)
     return line
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def iter_tar(url: str, stats: WorkerStats) -> Iterator[dict]:
+def iter_tar(url: str, stats: WorkerStats, expected: int | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard. An unreadable or truncated tar
-    ends the shard with a warning; the sample being read when it broke is dropped (it may be partial)."""
+    ends the shard with a warning; the sample being read when it broke is dropped (it may be partial).
+    ``expected``: the manifest's sample count; a shard that holds fewer is counted (``bad/short_shard``,
+    ``missing_samples``), whether it ended early or was written short."""
     from webdataset.gopen import gopen
 
+    check_url(url)
     try:
         stream = gopen(url, "rb")
     except Exception as e:  # gopen raises OSError/ValueError/IOError depending on the scheme
         stats.bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
+        _count_missing(stats, url, expected, 0, report=False)
         return
     current: dict | None = None
+    read = 0
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -295,16 +319,31 @@ def iter_tar(url: str, stats: WorkerStats) -> Iterator[dict]:
                     continue
                 data = tar.extractfile(member).read()
                 if current is not None and current["__key__"] != key:
+                    read += 1
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
         if current is not None:
+            read += 1
             yield current
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         key = current["__key__"] if current else None
         stats.bad("truncated_shard", url, key, f"{type(e).__name__}: {e}")
+        _count_missing(stats, url, expected, read, report=False)
+        return
+    _count_missing(stats, url, expected, read, report=True)
+
+
+def _count_missing(stats: WorkerStats, url: str, expected: int | None, read: int, *, report: bool) -> None:
+    """Count the samples a shard lacks against its manifest count (``report``: also as a short shard, when
+    no other problem of the shard was counted)."""
+    if expected is None or read >= expected:
+        return
+    stats.add("missing_samples", expected - read)
+    if report:
+        stats.bad("short_shard", url, None, f"expected {expected} samples (manifest), read {read}")
 
 
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -391,6 +430,7 @@ class ShardStream(IterableDataset):
         self.shards, self.cfg, self.train = shards, cfg, train
         self.tokenizer, self.text_tokenizer = tokenizer, text_tokenizer or tokenizer
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.name = f"{len(shards)} shard(s) from {shards[0].url}"  # build_loader names the split
         self.decoder = SampleDecoder(cfg, train=train, mean=mean, std=std)
         self.skips: list[int] = [0] * max(1, cfg.workers)  # groups each logical worker skips
         self.rotation = 0                                   # DataLoader worker i acts as logical (i + rotation) % W
@@ -403,7 +443,7 @@ class ShardStream(IterableDataset):
             for shard, stride, offset in epoch_shards(
                     self.shards, seed=cfg.seed, epoch=self.epoch, shuffle=self.train, rank=self.rank,
                     world_size=self.world_size, worker=worker, num_workers=num_workers):
-                for i, raw in enumerate(iter_tar(shard.url, stats if offset == 0 else _SilentStats())):
+                for i, raw in enumerate(iter_tar(shard.url, stats if offset == 0 else _SilentStats(), shard.samples)):
                     if i % stride == offset:
                         yield raw, (cfg.seed, self.epoch, raw["__key__"])
             return
@@ -414,14 +454,14 @@ class ShardStream(IterableDataset):
         while True:
             shard = rng.choice(self.shards)
             got = False
-            for raw in iter_tar(shard.url, stats):
+            for raw in iter_tar(shard.url, stats, shard.samples):
                 got = True
                 yield raw, (cfg.seed, self.epoch, self.rank, worker, draw, raw["__key__"])
             draw += 1
             empty_draws = 0 if got else empty_draws + 1
             if empty_draws > 10 * len(self.shards):
-                raise RuntimeError(f"resampled stream: {empty_draws} shard draws in a row gave no samples; "
-                                   f"are the shards readable? (first: {self.shards[0].url})")
+                raise EmptySplitError(f"{self.name}: {empty_draws} shard draws in a row gave no samples "
+                                      f"(resampled); bad data: {_bad_summary(stats.counts)}")
 
     def __iter__(self) -> Iterator[dict | None]:
         cfg = self.cfg
@@ -567,13 +607,33 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.workers,
                             pin_memory=self.cfg.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed),
                             **kwargs)
+        whole_pass = self.skip_batches == 0
+        yielded = 0
         try:
-            for batch in loader:
-                if batch is not None:
-                    yield batch
+            try:
+                for batch in loader:
+                    if batch is not None:
+                        yielded += 1
+                        yield batch
+            except EmptySplitError:  # raised in a worker: DataLoader re-raises it with the worker's traceback
+                raise EmptySplitError(self._empty_message()) from None
         finally:
             if self.skip_batches:  # the resume offset belongs to the first pass only
                 self._set_skip(0)
+        if whole_pass and not yielded and self._should_yield():
+            raise EmptySplitError(self._empty_message())
+
+    def _should_yield(self) -> bool:
+        """Whether an empty pass means broken data: not when this rank has no shard of its own, nor when a
+        subsample of a small split happens to keep nothing and nothing was bad."""
+        ds = self.dataset
+        if not self.cfg.resampled and len(ds.shards) < ds.world_size:
+            return False
+        return self.cfg.subsample == 1 or any(k.startswith("bad/") for k in self.stats)
+
+    def _empty_message(self) -> str:
+        return (f"{self.dataset.name} gave no samples: {len(self.dataset.shards)} shard(s), bad data: "
+                f"{_bad_summary(self.stats)} (mmstory data verify MANIFEST says what is wrong with each shard)")
 
     @property
     def stats(self) -> Counter:
@@ -587,7 +647,8 @@ class Loader:
 def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
                  text_tokenizer: Tokenizer | None = None, train: bool = True, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, skip_batches: int = 0,
-                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> Loader:
+                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
+                 name: str | None = None) -> Loader:
     """Batches for one DDP rank. ``shards_or_split``: a manifest ``SplitInfo`` or a list of shard
     URLs/paths. The batch sequence is a pure function of (shards, cfg, train, rank, world_size,
     epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence."""
@@ -596,6 +657,9 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer, train=train,
                           rank=rank, world_size=world_size, epoch=epoch, mean=mean, std=std)
+    name = name or getattr(shards_or_split, "name", None)
+    if name:
+        dataset.name = f"split '{name}'"
     if not cfg.resampled and len(shards) < world_size:
         log.warning("%d shards for %d ranks: some ranks get no data", len(shards), world_size)
     return Loader(dataset, cfg, skip_batches=skip_batches)
@@ -637,6 +701,10 @@ class MixedLoader:
 
     def __iter__(self) -> Iterator[dict]:
         lengths = {n: _length(loader) + loader.skip_batches for n, loader in self.loaders.items()}
+        for loader in self.loaders.values():  # a source counted empty would never be drawn, so never complain
+            if lengths_empty(loader):
+                raise EmptySplitError(f"{loader.dataset.name} has no samples: its {len(loader.dataset.shards)} "
+                                      f"shard(s) hold none that can be read (mmstory data verify MANIFEST says why)")
         iters = {n: iter(loader) for n, loader in self.loaders.items()}
         skip, self.skip_batches = self.skip_batches, 0  # the resume offset belongs to the first pass only
         for step, name in enumerate(self._choices(lengths)):
@@ -658,6 +726,11 @@ class MixedLoader:
 
     def report(self, print_fn=print) -> str:
         return report(self.stats, print_fn=print_fn)
+
+
+def lengths_empty(loader: Loader) -> bool:
+    """Whether an epoch-mode loader counts no batch at all (manifest counts or tar headers) in a whole pass."""
+    return loader.skip_batches == 0 and _length(loader) == 0 and loader._should_yield()
 
 
 def _length(loader: Loader) -> float:

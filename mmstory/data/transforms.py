@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmstory.data.wordings import Wordings
 
@@ -35,10 +35,28 @@ DEFAULT_STD = (0.5, 0.5, 0.5)
 
 # ---------------------------------------------------------------------------------------------- image
 def decode_image(data: bytes) -> Image.Image:
-    """Decode PNG/JPEG/WebP bytes to RGB; transparent pixels are composited on white (emoji are drawn
-    on a transparent background, and black-on-black would erase their outlines)."""
-    img = Image.open(io.BytesIO(data))
+    """Decode PNG/JPEG/WebP bytes to RGB (``to_rgb``). The one image decoder of training, evaluation,
+    inference, ``data build`` and ``data verify``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names an in-memory buffer, which helps nobody
+        raise ValueError(f"not an image file that PIL can read ({len(data):,} bytes, starting {data[:8]!r})") from None
     img.load()  # decode now, so a corrupt file fails here and not inside a transform
+    return to_rgb(img)
+
+
+# PIL's high-bit-depth modes and the largest value of each: PIL's convert("RGB") clips them at 255, so a 16-bit
+# greyscale PNG (values up to 65535) came out all white. Scaled by the mode's range, not by the image's own
+# min/max: a dark 16-bit image must stay dark.
+_HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB: 16-bit greyscale scaled to 8 bits; transparent pixels composited on white (emoji
+    are drawn on a transparent background, and black-on-black would erase their outlines)."""
+    if img.mode in _HIGH_BIT_DEPTH:  # PNG 16-bit greyscale opens as I;16 (older Pillow: I)
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr * 255.0 / _HIGH_BIT_DEPTH[img.mode]), 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -110,15 +128,20 @@ class ImageTransform:
 
 
 # ---------------------------------------------------------------------------------------------- audio
-def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
-    """FLAC/WAV bytes -> mono float32 waveform at ``sample_rate`` (polyphase resampling)."""
+def decode_audio(data: bytes, sample_rate: int | None) -> np.ndarray:
+    """FLAC/WAV bytes -> mono float32 waveform at ``sample_rate`` (polyphase resampling; None: as stored).
+    Raises ValueError for a clip with no samples or with NaN/inf samples (which would make a NaN loss in
+    training and an empty caption in inference)."""
     import soundfile as sf
 
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
     wav = wav.mean(axis=1)
     if wav.size == 0:
         raise ValueError("empty audio")
-    if sr != sample_rate:
+    bad = int(np.count_nonzero(~np.isfinite(wav)))
+    if bad:
+        raise ValueError(f"{bad} of {wav.size} samples are not finite (NaN or inf)")
+    if sample_rate is not None and sr != sample_rate:
         from scipy.signal import resample_poly
 
         g = math.gcd(int(sr), int(sample_rate))

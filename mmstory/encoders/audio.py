@@ -37,6 +37,9 @@ class LogMel(nn.Module):
         return n_samples // self.hop_length + 1
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        short = self.n_fft // 2 + 1 - wave.shape[-1]
+        if short > 0:  # stft's centring reflects n_fft // 2 samples at each end: a shorter clip is zero-padded
+            wave = nn.functional.pad(wave, (0, short))
         spec = torch.stft(wave.float(), self.n_fft, self.hop_length, window=self.window, center=True,
                           return_complex=True).abs().pow(2)  # (B, F, frames)
         mel = torch.matmul(self.fb, spec).clamp(min=1e-10).log10()  # (B, n_mels, frames)
