@@ -315,7 +315,8 @@ def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
     except TypeError as e:  # a required field without default is missing
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from e
     except ValueError as e:  # another check in __post_init__: a config error all the same
-        raise ConfigError(f"config section '{prefix.rstrip('.')}': {e}" if prefix else str(e)) from e
+        named = not prefix or str(e).startswith((prefix, "config key"))  # the message names its key already
+        raise ConfigError(str(e) if named else f"config section '{prefix.rstrip('.')}': {e}") from e
 
 
 def to_dict(cfg: Any) -> dict:

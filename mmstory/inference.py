@@ -383,6 +383,10 @@ def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=Non
     _on_device(model, device)
     inputs, n = _media_inputs(model, image, audio, sample_rate=sample_rate, audio_seconds=audio_seconds)
     questions = [question] if isinstance(question, str) else list(question)
+    empty = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if empty:
+        raise UserError(f"the question is empty (question {empty[0]} of {len(questions)})" if len(questions) > 1
+                        else "the question is empty")
     if n == 1 and len(questions) > 1:
         inputs = {k: v.expand(len(questions), *v.shape[1:]) for k, v in inputs.items()}
     elif len(questions) == 1 and n > 1:

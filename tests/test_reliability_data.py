@@ -222,3 +222,12 @@ def test_verify_flags_samples_missing_their_json_or_their_image(tmp_path):
         bad = {b["key"]: b["reason"] for b in report["bad_samples"]}
         assert not report["ok"] and set(bad) == {"nojson", "nopng"}
         assert bad["nojson"].startswith("no json or text file") and bad["nopng"].startswith("no image or audio file")
+
+
+def test_answer_refuses_an_empty_question(tiny_model):
+    from mmstory.errors import UserError
+
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    for question in ("", "   ", ["what is it?", " "]):
+        with pytest.raises(UserError, match="the question is empty"):
+            tiny_model.answer(image=image, question=question)

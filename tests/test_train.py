@@ -548,6 +548,8 @@ def test_lr_multipliers_by_module_scale_their_groups_and_follow_the_schedule():
     ("--report.tasks=[nope]", "config key 'report.tasks': must be a list of caption, qa, retrieval, zeroshot"),
     ("--data.weights.video=1", "config key 'data.weights': must be weights of the sources in data.train"),
     ("--max_minutes=-1", "config key 'max_minutes': must be >= 0 (0: no budget), got -1"),
+    ("--data.loader.batch_size=0", "data.loader.batch_size must be an integer >= 1, got 0"),
+    ("--data.loader.crop_scale=[0.9,0.5]", "data.loader.crop_scale must be [low, high] with 0 < low <= high <= 1"),
 ])
 def test_training_config_values_are_checked_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:

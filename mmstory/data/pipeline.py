@@ -108,19 +108,28 @@ class DataConfig:
             weights = getattr(self, name)
             unknown = sorted(set(weights) - set(TASKS))
             if unknown:
-                raise ValueError(f"data.{name}: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+                raise ValueError(f"data.loader.{name}: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
             if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-                raise ValueError(f"data.{name}: weights must be >= 0 with at least one > 0, got {weights}")
+                raise ValueError(f"data.loader.{name}: weights must be >= 0 with at least one > 0, got {weights}")
             missing = sorted(t for t in weights if t not in self.prompts)
             if missing:
-                raise ValueError(f"data.prompts has no template for task(s) {missing}")
+                raise ValueError(f"data.loader.prompts has no template for task(s) {missing}")
         if self.subsample < 1:
             raise ValueError(f"data.loader.subsample must be >= 1, got {self.subsample}")
         if not 0.0 <= self.reword_prob <= 1.0:
             raise ValueError(f"data.loader.reword_prob must be in [0, 1], got {self.reword_prob}")
-        if self.batch_size < 1 or self.workers < 0:
-            raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0 "
-                             f"(got {self.batch_size}, {self.workers})")
+        for key, value, low in (("batch_size", self.batch_size, 1), ("workers", self.workers, 0),
+                                ("image_size", self.image_size, 1), ("max_text_len", self.max_text_len, 2),
+                                ("max_tokens", self.max_tokens, 3), ("shuffle_buffer", self.shuffle_buffer, 0),
+                                ("sample_rate", self.sample_rate, 1), ("prefetch_factor", self.prefetch_factor, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"data.loader.{key} must be an integer >= {low}, got {value!r}")
+        if not self.audio_seconds > 0:
+            raise ValueError(f"data.loader.audio_seconds must be > 0, got {self.audio_seconds!r}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.loader.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                             f"got {list(self.crop_scale)}")
 
 
 def fit_to_encoders(cfg: DataConfig, encoders: Any) -> tuple[DataConfig, dict]:
