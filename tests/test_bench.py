@@ -80,7 +80,7 @@ def test_time_to_quality_smoke(tmp_path):
     import time_to_quality
 
     res = time_to_quality.main(["--minutes", "0.03", "--max-samples", "4", "--out", str(tmp_path / "ttq"),
-                                "--seed", "3"])
+                                "--seed", "3", "--report.fit_samples=8"])  # a config override: a smaller fit
     assert set(res["headline"]) == {"mmstory", "open_clip_coca"}
     assert res["seed"] == res["data_seed"] == 3
     for name, per_split in res["headline"].items():

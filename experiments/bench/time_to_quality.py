@@ -213,14 +213,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, help="seed of both models and of the data order (default: the config's)")
     p.add_argument("--max-samples", type=int, default=256, help="per validation split")
     p.add_argument("--out", default=str(REPO / "runs/time_to_quality"))
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)  # --key.path=value: config overrides for the mmstory run
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # mmstory trains as its config says (steps, schedule; fewer steps planned if they would not fit the budget);
     # CoCa gets the full budget.
     seed = [] if args.seed is None else [f"--seed={args.seed}", f"--data.loader.seed={args.seed}"]
     cfg = load_config(TrainConfig, args.config, [f"--max_minutes={args.minutes}", "--final_eval=false",
-                                                 f"--out_dir={out / 'mmstory'}", *seed])
+                                                 f"--out_dir={out / 'mmstory'}", *seed, *overrides])
     cfg.precision = resolve_precision(cfg.precision, torch.device("cpu"))  # auto as the trainer resolves it; CoCa too
     cfg.data.manifest = str(REPO / cfg.data.manifest)
     cfg.model.tokenizer.path = str(REPO / cfg.model.tokenizer.path)
