@@ -68,11 +68,40 @@ def test_a_manifest_cannot_run_a_shell_command(tmp_path, monkeypatch):
 
     assert main(["data", "verify", str(path), "--no-decode", "--quiet"]) != 0
     assert not pwned.exists()
-    # the user's explicit opt-in: the same manifest reads through the shell
+    # the user's explicit opt-in: the same manifest reads through the shell, in worker processes too
     monkeypatch.setenv("MMSTORY_ALLOW_PIPE", "1")
     m = load_manifest(path)
-    assert sum(len(b["__key__"]) for b in drain(build_loader(m.split("train"), cfg(), tokenizer=TOK))) == 4
+    assert sum(len(b["__key__"]) for b in drain(build_loader(m.split("train"), cfg(workers=2), tokenizer=TOK))) == 4
     assert pwned.exists()
+
+
+@pytest.mark.parametrize("url", ["PIPE:touch {p}; cat {g}", " pipe:;touch {p}; cat {g}", "pi\tpe:touch {p}; cat {g}",
+                                 "\x00pipe:;touch {p}; cat {g}"])
+def test_pipe_urls_are_refused_however_they_are_spelt(tmp_path, monkeypatch, url):
+    """gopen finds the scheme with urllib, which lower-cases it and drops leading blanks, control characters,
+    tabs and newlines: each of these would reach gopen_pipe (and, under python -O, a shell)."""
+    from mmstory.data.manifest import _open_stream, check_url
+    from mmstory.data.pipeline import WorkerStats, iter_tar
+
+    monkeypatch.delenv("MMSTORY_ALLOW_PIPE", raising=False)
+    pwned = tmp_path / "pwned"
+    url = url.format(p=pwned, g=write_shards(tmp_path, 1, 2)[0])
+    for refuse in (check_url, _open_stream, lambda u: list(iter_tar(u, WorkerStats(None, 0, 0))),
+                   lambda u: build_loader([u], cfg(), tokenizer=TOK)):
+        with pytest.raises(ManifestError, match="would run a shell command; pipe: shards run only when you allow"):
+            refuse(url)
+    assert not pwned.exists()
+
+
+def test_schemes_that_run_no_shell_are_allowed(tmp_path, monkeypatch):
+    from mmstory.data.manifest import check_url
+
+    monkeypatch.delenv("MMSTORY_ALLOW_PIPE", raising=False)
+    for url in ("/data/a.tar", "rel/a.tar", "file:///data/a.tar", "http://host/a.tar", "https://host/a.tar",
+                "gs://bucket/a.tar", "hf://datasets/x/a.tar", "/data/pipe:a.tar"):
+        check_url(url)  # gopen opens these itself or runs curl/gsutil with the URL as one argument
+    with pytest.raises(ManifestError, match="standard input"):
+        check_url("-")
 
 
 # ------------------------------------------------------------------------------------------------ empty splits

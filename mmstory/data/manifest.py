@@ -106,14 +106,31 @@ def pipe_allowed() -> bool:
     return os.environ.get(PIPE_OPT_IN, "") == "1"
 
 
+def url_scheme(url: str) -> str:
+    """The scheme webdataset's ``gopen`` dispatches ``url`` on ("" for a local path). Parsed exactly as gopen
+    parses it (``urllib.parse``: lower-cased, leading spaces and control characters dropped, tabs and
+    newlines removed), so ``PIPE:cmd`` or `` pipe:cmd`` cannot slip past a plain ``startswith("pipe:")``."""
+    from urllib.parse import urlparse
+
+    try:
+        return urlparse(url).scheme
+    except ValueError:  # e.g. a malformed IPv6 host: gopen fails on it too, before running anything
+        return "?"
+
+
 def check_url(url: str) -> None:
-    """Refuse a shard URL that would run a command or read stdin. webdataset's ``gopen`` hands ``pipe:CMD``
-    to a shell and reads ``-`` from stdin; its other schemes (http(s) through curl, gs, ais, hf) run a fixed
-    program with the URL as one argument, and local paths are opened directly. A manifest is data that people
-    download, so it must not execute anything unless the user says it is theirs."""
-    if url.startswith("pipe:") and not pipe_allowed():
-        raise ManifestError(f"shard {url!r} would run a shell command; manifests may only do that when you allow "
-                            f"it (mmstory --allow-pipe ..., or {PIPE_OPT_IN}=1), for manifests you wrote")
+    """Refuse a shard URL that would run a shell command or read standard input; the one check that every
+    reader of shards (manifest loading, the loader, the verifier) makes before opening one.
+
+    What webdataset 1.0's ``gopen`` does with each URL (webdataset/gopen.py): ``-`` reads stdin; no scheme
+    and ``file:`` open a local file; ``pipe:CMD`` runs CMD through ``/bin/sh`` (``shell=True``); http, https,
+    sftp, ftps and scp run ``curl ... URL``, gs runs ``gsutil cat URL``, ais ``ais get URL -``, hf and htgs
+    curl: a fixed program with the URL as one argument, no shell, so those are allowed; any other scheme is
+    refused by gopen itself. A manifest is data that people download, so ``pipe:`` is refused unless the user
+    opts in (``mmstory --allow-pipe`` or ``MMSTORY_ALLOW_PIPE=1``, which DataLoader workers inherit)."""
+    if url_scheme(url) == "pipe" and not pipe_allowed():
+        raise ManifestError(f"shard {url!r} would run a shell command; pipe: shards run only when you allow them "
+                            f"(mmstory --allow-pipe ..., or {PIPE_OPT_IN}=1), for manifests you wrote")
     if url.strip() == "-":
         raise ManifestError("shard '-' (standard input) is not a shard path")
 
