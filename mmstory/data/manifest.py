@@ -8,7 +8,7 @@ data the user builds; ``write_counts`` then replaces it by an explicit, checksum
 
     m = load_manifest("data_manifests/coco_karpathy.json")
     urls = m.split("train").urls                 # feed to webdataset.WebDataset
-    check_shards(m.split("val"))                 # fast: existence, size, sha256
+    check_shards(m.split("val"))                 # fast: existence and size (sha256=True: checksums too)
     report = verify(m)                           # slow: reads and decodes every sample
 """
 from __future__ import annotations
@@ -69,10 +69,16 @@ class SplitInfo:
     shards: list[ShardInfo]
     samples: int | None = None
     pattern: str | None = None    # the brace/glob pattern the shards came from, if any
+    manifest: str | None = None   # the manifest file it was read from, as shown to people (for messages)
 
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self.shards]
+
+    @property
+    def verify_command(self) -> str:
+        """The command that reads every sample of this split and says what is wrong with each shard."""
+        return f"mmstory data verify {self.manifest or 'MANIFEST'} --split {self.name}"
 
 
 @dataclass
@@ -229,7 +235,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             except ManifestError as e:
                 raise ManifestError(f"{shown}: split '{name}': {e}") from None
         samples = _opt_int(spec.get("samples"), f"split '{name}' samples", shown)
-        splits[name] = SplitInfo(name, shards, samples, spec.get("pattern"))
+        splits[name] = SplitInfo(name, shards, samples, spec.get("pattern"), shown)
 
     tokenizer = raw.get("tokenizer")
     if tokenizer is not None:
@@ -251,11 +257,17 @@ def _short(digest: str) -> str:
     return digest[:8] + "…"
 
 
-def check_shards(split_info: SplitInfo, *, sha256: bool = True, progress: bool = False) -> None:
-    """Fast integrity check of a split's local shards: each exists, and its size and sha256 match the
-    manifest where the manifest gives them. Remote shards are skipped (nothing to check offline).
+MAX_SHOWN = 20  # bad shards named one by one in check_shards' message
 
-    Raises ManifestError naming every bad shard of the split.
+
+def check_shards(split_info: SplitInfo, *, sha256: bool = False, progress: bool = False) -> None:
+    """Fast integrity check of a split's local shards, for the start of a run: each exists and its size
+    matches the manifest where the manifest gives one; with ``sha256``, its checksum too (that reads every
+    byte, so it is off unless asked). Remote shards are skipped (nothing to check offline). Sample counts
+    are checked as the shards are read (the loader counts ``short_shard``/``missing_samples``).
+
+    Raises ManifestError naming every bad shard of the split (past ``MAX_SHOWN``, a count: a message of a
+    thousand paths helps nobody) and the ``mmstory data verify`` command that reads them all.
     """
     if not split_info.shards:
         raise ManifestError(_no_shards(split_info))
@@ -265,10 +277,12 @@ def check_shards(split_info: SplitInfo, *, sha256: bool = True, progress: bool =
         if error:
             problems.append(f"shard {shard.display}: {error}")
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ManifestError(f"split '{split_info.name}': {len(problems)} of {len(split_info.shards)} shards "
-                            f"are not as the manifest says: {shown} (mmstory data verify MANIFEST checks them all, "
-                            f"reading every sample)")
+        shown = "; ".join(problems[:MAX_SHOWN]) + (f"; and {len(problems) - MAX_SHOWN} more shards"
+                                                   if len(problems) > MAX_SHOWN else "")
+        where = f"{split_info.manifest}: " if split_info.manifest else ""
+        raise ManifestError(f"{where}split '{split_info.name}': {len(problems)} of {len(split_info.shards)} shards "
+                            f"are not as the manifest says: {shown} ({split_info.verify_command} reads every "
+                            f"sample and says what is wrong with each)")
 
 
 def _no_shards(split: SplitInfo) -> str:

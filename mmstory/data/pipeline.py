@@ -440,6 +440,7 @@ class ShardStream(IterableDataset):
         self.tokenizer, self.text_tokenizer = tokenizer, text_tokenizer or tokenizer
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.name = f"{len(shards)} shard(s) from {shards[0].url}"  # build_loader names the split
+        self.verify_command = "mmstory data verify MANIFEST"         # ... and the manifest it came from
         self.decoder = SampleDecoder(cfg, train=train, mean=mean, std=std)
         self.skips: list[int] = [0] * max(1, cfg.workers)  # groups each logical worker skips
         self.rotation = 0                                   # DataLoader worker i acts as logical (i + rotation) % W
@@ -641,8 +642,9 @@ class Loader:
         return self.cfg.subsample == 1 or any(k.startswith("bad/") for k in self.stats)
 
     def _empty_message(self) -> str:
-        return (f"{self.dataset.name} gave no samples: {len(self.dataset.shards)} shard(s), bad data: "
-                f"{_bad_summary(self.stats)} (mmstory data verify MANIFEST says what is wrong with each shard)")
+        ds = self.dataset
+        return (f"{ds.name} ({len(ds.shards)} shard{'s' if len(ds.shards) != 1 else ''}) gave no samples: "
+                f"bad data: {_bad_summary(self.stats)} ({ds.verify_command} says what is wrong with each shard)")
 
     @property
     def stats(self) -> Counter:
@@ -660,7 +662,11 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
                  name: str | None = None) -> Loader:
     """Batches for one DDP rank. ``shards_or_split``: a manifest ``SplitInfo`` or a list of shard
     URLs/paths. The batch sequence is a pure function of (shards, cfg, train, rank, world_size,
-    epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence."""
+    epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence.
+
+    ``name`` (default: the split's name) is what errors call the data: a whole pass (or, resampled, many
+    shard draws in a row) without a single sample raises ``EmptySplitError`` naming it, instead of training
+    on empty epochs forever."""
     shards = resolve_shards(shards_or_split)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -669,6 +675,8 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
     name = name or getattr(shards_or_split, "name", None)
     if name:
         dataset.name = f"split '{name}'"
+    if hasattr(shards_or_split, "verify_command"):
+        dataset.verify_command = shards_or_split.verify_command
     if not cfg.resampled and len(shards) < world_size:
         log.warning("%d shards for %d ranks: some ranks get no data", len(shards), world_size)
     return Loader(dataset, cfg, skip_batches=skip_batches)
@@ -712,8 +720,10 @@ class MixedLoader:
         lengths = {n: _length(loader) + loader.skip_batches for n, loader in self.loaders.items()}
         for loader in self.loaders.values():  # a source counted empty would never be drawn, so never complain
             if lengths_empty(loader):
-                raise EmptySplitError(f"{loader.dataset.name} has no samples: its {len(loader.dataset.shards)} "
-                                      f"shard(s) hold none that can be read (mmstory data verify MANIFEST says why)")
+                ds = loader.dataset
+                raise EmptySplitError(f"{ds.name} ({len(ds.shards)} shard{'s' if len(ds.shards) != 1 else ''}) "
+                                      f"has no samples: its shards hold none that can be read "
+                                      f"({ds.verify_command} says why)")
         iters = {n: iter(loader) for n, loader in self.loaders.items()}
         skip, self.skip_batches = self.skip_batches, 0  # the resume offset belongs to the first pass only
         for step, name in enumerate(self._choices(lengths)):
@@ -750,10 +760,14 @@ def _length(loader: Loader) -> float:
 
 
 def build_mixed_loader(sources: dict[str, Any], weights: dict[str, float], cfg: DataConfig, *,
-                       skip_batches: int = 0, epoch: int = 0, **loader_kwargs) -> MixedLoader:
+                       skip_batches: int = 0, epoch: int = 0, name: str | None = None,
+                       **loader_kwargs) -> MixedLoader:
     """Mix e.g. ``{"image": split_or_urls, "audio": split_or_urls}`` with ``weights`` deterministically.
-    ``skip_batches`` counts mixed batches; each source skips the ones it contributed."""
-    loaders = {n: build_loader(s, cfg, epoch=epoch, **loader_kwargs) for n, s in sources.items()}
+    ``skip_batches`` counts mixed batches; each source skips the ones it contributed. A source is named in
+    errors by its split's name, or else by ``"<name>/<source>"`` (``name`` defaults to "mixed")."""
+    loaders = {n: build_loader(s, cfg, epoch=epoch, name=getattr(s, "name", None) or f"{name or 'mixed'}/{n}",
+                               **loader_kwargs)
+               for n, s in sources.items()}
     mixed = MixedLoader(loaders, weights, seed=cfg.seed, epoch=epoch)
     if skip_batches:
         lengths = {n: _length(loader) for n, loader in loaders.items()}
