@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmstory.data.pipeline import DataConfig
-from mmstory.data.transforms import AUDIO_EXTS, IMAGE_EXTS, ImageTransform, crop_audio, decode_audio, decode_image
+from mmstory.data.transforms import (AUDIO_EXTS, IMAGE_EXTS, ImageTransform, crop_audio, decode_audio, decode_image,
+                                     to_rgb)
 from mmstory.generation import DecodeOptions
 from mmstory.errors import UserError
 
@@ -104,7 +105,9 @@ def image_transform(model: "MultimodalModel") -> ImageTransform:
 
 
 def to_pil(image: ImageInput) -> Image.Image:
-    """A raw image input -> RGB PIL image, transparent pixels on white (as ``decode_image`` does for files)."""
+    """A raw image input -> RGB PIL image: a path through ``decode_image``, a PIL image through ``to_rgb`` (the
+    same conversion: 16-bit and float images rescaled, transparent pixels on white); arrays are uint8 pixels
+    or float pixels in [0, 1]."""
     if isinstance(image, (str, os.PathLike)):
         data = _read_file(image, "image")
         try:
@@ -122,11 +125,7 @@ def to_pil(image: ImageInput) -> Image.Image:
             image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(image), "RGB")
     if isinstance(image, Image.Image):
-        if image.mode == "RGB":
-            return image
-        buf = io.BytesIO()  # round-trip through PNG so alpha is handled exactly as for files
-        image.save(buf, format="PNG")
-        return decode_image(buf.getvalue())
+        return to_rgb(image)  # as decode_image converts files: 16-bit/float rescaled, alpha on white
     raise TypeError(f"unsupported image input of type {type(image).__name__}; expected a PIL image, a path, "
                     f"an array or a tensor")
 

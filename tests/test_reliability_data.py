@@ -208,6 +208,21 @@ def test_a_16bit_greyscale_png_decodes_to_its_8bit_gradient(tmp_path):
     assert ext == "png" and small[..., 0].min() < 60 and small[..., 0].max() > 190
 
 
+def test_a_float_image_decodes_by_its_range_not_clipped(tmp_path):
+    """PIL's "F" mode (float TIFF): 0-1 maps to black-white, as float pixels do in inference."""
+    from mmstory.data.converters import load_image
+    from mmstory.data.transforms import decode_image
+    from mmstory.inference import to_pil
+
+    values = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (8, 1))
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, "F").save(path)
+    want = (values * 255).round()
+    for img in (decode_image(path.read_bytes()), to_pil(path), to_pil(Image.fromarray(values, "F")),
+                decode_image(load_image(path)[1])):
+        assert img.mode == "RGB" and np.abs(np.asarray(img)[..., 0] - want).max() <= 1
+
+
 # ------------------------------------------------------------------------------------------------ audio
 def wav_bytes(wave: np.ndarray, sr: int = 16000) -> bytes:
     buf = io.BytesIO()

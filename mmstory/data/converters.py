@@ -56,16 +56,17 @@ def load_image(path: Path, resize: int | None = None) -> tuple[str, bytes]:
     Raises OSError/ValueError (from PIL) for a damaged file."""
     from PIL import Image
 
-    from .transforms import _HIGH_BIT_DEPTH, to_rgb
+    from .transforms import to_rgb
 
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # full decode: Image.verify() misses truncated pixel data
+        rgb = to_rgb(im)  # what the loader will make of it (transforms.decode_image): fails here, not in training
         ext = IMAGE_FORMATS.get(im.format or "")
         if ext is not None and (resize is None or min(im.size) <= resize):
             return ext, data  # kept as it is; the loader decodes 16-bit images right (transforms.to_rgb)
-        if im.mode in _HIGH_BIT_DEPTH:
-            im = to_rgb(im)  # 8 bits before resizing and re-encoding (PIL cannot write 16-bit JPEG/WebP)
+        if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+            im = rgb  # 16-bit, float, CMYK...: 8-bit RGB before resizing and re-encoding (16-bit grey is rescaled)
         if resize is not None and min(im.size) > resize:
             scale = resize / min(im.size)
             im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
@@ -73,7 +74,7 @@ def load_image(path: Path, resize: int | None = None) -> tuple[str, bytes]:
         ext = ext or "png"
         buf = io.BytesIO()
         if ext == "jpg":
-            to_rgb(im).save(buf, format="JPEG", quality=95)
+            to_rgb(im).save(buf, format="JPEG", quality=95)  # JPEG has no alpha: composited on white
         elif ext == "webp":
             im.save(buf, format="WEBP", quality=95)
         else:

@@ -45,18 +45,24 @@ def decode_image(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-# PIL's high-bit-depth modes and the largest value of each: PIL's convert("RGB") clips them at 255, so a 16-bit
-# greyscale PNG (values up to 65535) came out all white. Scaled by the mode's range, not by the image's own
-# min/max: a dark 16-bit image must stay dark.
-_HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+# PIL's single-channel modes beyond 8 bits, and the pixel value each mode's range maps to white. PIL's
+# convert("RGB") clips them at 255, so a 16-bit greyscale PNG (values up to 65535) came out all white. They are
+# scaled by the mode's range, not by the image's own min/max: a dark 16-bit image must stay dark, and the same
+# pixel value must give the same grey in every image. "I" is what 16-bit PNGs open as in older Pillow (and
+# what PIL converts I;16 to), so its range is taken as 16-bit. "F" (float TIFF, PFM) has no fixed range; 0-1
+# is the convention of float image files and of float pixels everywhere else in mmstory (inference.to_pil).
+_HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB: 16-bit greyscale scaled to 8 bits; transparent pixels composited on white (emoji
-    are drawn on a transparent background, and black-on-black would erase their outlines)."""
+    """Any PIL image -> 8-bit RGB, the one conversion behind ``decode_image`` (training, evaluation, ``data
+    verify``), ``data build`` and inference: 16-bit greyscale and float images rescaled by their mode's range
+    (``_HIGH_BIT_DEPTH``); transparent pixels composited on white (emoji are drawn on a transparent
+    background, and black-on-black would erase their outlines)."""
     if img.mode in _HIGH_BIT_DEPTH:  # PNG 16-bit greyscale opens as I;16 (older Pillow: I)
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(arr * 255.0 / _HIGH_BIT_DEPTH[img.mode]), 0, 255).astype(np.uint8), "L")
+        unit = np.clip(np.asarray(img, dtype=np.float64) / _HIGH_BIT_DEPTH[img.mode], 0.0, 1.0)
+        unit = np.nan_to_num(unit)  # an F image's NaN pixels: black (inf was clipped to white)
+        img = Image.fromarray(np.round(unit * 255.0).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
