@@ -171,7 +171,7 @@ def load_waveform(audio: AudioInput, target_rate: int, sample_rate: int | None =
             raise UserError(f"cannot read audio {audio}: {type(e).__name__}: {e}") from None
     wav = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     if wav.ndim != 1 or wav.size == 0:
-        raise ValueError(f"a waveform must be a non-empty 1-D array; got shape {wav.shape}")
+        raise UserError(f"a waveform must be a non-empty 1-D array; got shape {wav.shape}")
     wav = wav.astype(np.float32)
     if not np.isfinite(wav).all():
         raise UserError(f"the waveform has {int(np.count_nonzero(~np.isfinite(wav)))} samples that are not finite "

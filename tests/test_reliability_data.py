@@ -253,6 +253,27 @@ def test_nan_audio_is_a_bad_sample_and_an_error_naming_the_file(tmp_path):
     assert [k for b in batches for k in b["__key__"]] == ["ok"] and loader.stats["bad/bad_audio"] == 1
 
 
+def test_empty_audio_is_a_bad_sample_and_a_user_error(tmp_path):
+    from mmstory.data.manifest import check_sample
+    from mmstory.errors import UserError
+    from mmstory.inference import load_waveform
+
+    clip = tmp_path / "empty.wav"
+    clip.write_bytes(wav_bytes(np.zeros(0)))
+    with pytest.raises(UserError, match=rf"cannot read audio {clip}: ValueError: empty audio"):
+        load_waveform(str(clip), 16000)
+    with pytest.raises(UserError, match="non-empty 1-D array"):
+        load_waveform(np.zeros(0, dtype=np.float32), 16000)
+    assert "empty audio" in check_sample({"wav": clip.read_bytes(), "json": b'{"captions": ["x"]}'})
+    with wds.TarWriter(str(tmp_path / "a.tar")) as w:
+        w.write({"__key__": "empty", "wav": clip.read_bytes(), "json": {"captions": ["silence"]}})
+        w.write({"__key__": "ok", "flac": flac_bytes(0.5), "json": {"captions": ["a tone"]}})
+    loader = build_loader([str(tmp_path / "a.tar")], cfg(), tokenizer=TOK, train=False)
+    with pytest.warns(RuntimeWarning, match="skipping bad_audio: shard .*a.tar key empty: .*empty audio"):
+        batches = drain(loader)
+    assert [k for b in batches for k in b["__key__"]] == ["ok"]
+
+
 @pytest.mark.parametrize("n", [1, 100, 200, 201, 400])
 def test_the_mel_front_end_takes_clips_of_any_length(n):
     from mmstory.encoders.audio import AudioTransformerEncoder
