@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,10 @@ def test_a_shard_shorter_than_its_manifest_is_counted(tmp_path):
     assert sum(len(b["__key__"]) for b in batches) == 12
     assert loader.stats["bad/short_shard"] == 1 and loader.stats["missing_samples"] == 3
     assert "3 samples the manifest counts were not in their shards" in loader.report(print_fn=lambda s: None)
+    # one shard read by two workers (each takes every other sample): counted once, by the worker at offset 0
+    loader = build_loader([SimpleNamespace(url=urls[1], samples=9)], cfg(workers=2), tokenizer=TOK, train=False)
+    assert sum(len(b["__key__"]) for b in drain(loader)) == 6
+    assert loader.stats["bad/short_shard"] == 1 and loader.stats["missing_samples"] == 3
 
 
 def test_check_shards_names_every_bad_shard(tmp_path):
