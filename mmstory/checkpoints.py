@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mmstory.errors import UserError
+from mmstory.errors import UserError, is_disk_full
 
 # what a run writes into its folder (``--overwrite`` removes exactly these)
 RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "report", "plots", "tensorboard", "config.yaml")
@@ -131,12 +131,9 @@ def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, rng: di
 
 
 def _raise_write_error(path: Path, e: Exception) -> None:
-    """A full disk shows up as OSError(ENOSPC) from Python, but as a RuntimeError ("enforce fail at
-    inline_container.cc ... unexpected pos" / "file write failed") from torch.save: raise it as ENOSPC with the
-    checkpoint's path and the space left, which the command line prints in one line."""
-    if isinstance(e, OSError) and e.errno != errno.ENOSPC:
-        raise e
-    if isinstance(e, OSError) or "inline_container" in str(e) or "write failed" in str(e):
+    """A full disk (``errors.is_disk_full``: ENOSPC from Python, a RuntimeError from torch.save) is raised as
+    OSError(ENOSPC) with the checkpoint's path and the space left, which the command line prints in one line."""
+    if is_disk_full(e):
         free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
         raise OSError(errno.ENOSPC, f"No space left on device ({free / 1e6:,.0f} MB free; the previous checkpoint "
                                     f"is intact)", str(path)) from e

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from mmstory.data.cli import add_data_commands
 from mmstory.data.manifest import ManifestError
 from mmstory.encoders.base import PretrainedLoadError
-from mmstory.errors import UserError
+from mmstory.errors import UserError, is_disk_full
 from mmstory.eval_cli import add_eval_commands
 from mmstory.train import add_train_commands
 
@@ -123,7 +123,7 @@ def user_error_message(e: BaseException) -> str | None:
         return "no space left on device" + (f" while writing {e.filename}" if e.filename is not None else "")
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return _os_error_message(e)
-    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("inline_container", "file write failed")):
+    if isinstance(e, RuntimeError) and is_disk_full(e):
         # torch.save writing into a full disk: "[enforce fail at inline_container.cc:672] . unexpected pos ..."
         return f"writing a file failed, is the disk full? ({' '.join(str(e).split())})"
     if isinstance(e, yaml.YAMLError):

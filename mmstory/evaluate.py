@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nearest, nn_answers,
                                nn_captions, nn_classes, nn_text_scores, pixel_features)
 from mmstory.data.manifest import check_shards
-from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, stable_seed
+from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, read_counts, stable_seed
 from mmstory.data.pipeline import report as report_line
 from mmstory.data.wordings import Wordings
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
@@ -350,15 +350,6 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         tqdm.write(f"eval {name or _split_name(split_or_urls)}: {report_line(loader.stats)}")
     return {"split": name or _split_name(split_or_urls), "num_samples": len(records), "modalities": modalities,
             "data": data_counts, "metrics": metrics, "predictions": records, "images": images}
-
-
-def read_counts(stats: Mapping[str, int], *, complete: bool) -> dict:
-    """What the loader read: ``samples_read``, ``skipped`` {reason: n} (undecodable samples, unreadable or
-    truncated shards, shards with fewer samples than the manifest says), ``missing_samples`` (how many the
-    manifest counts but the shards did not hold) and whether the whole split was read (``complete``)."""
-    return {"samples_read": int(stats.get("samples", 0)), "complete": complete,
-            "skipped": {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")},
-            "missing_samples": int(stats.get("missing_samples", 0))}
 
 
 # ---------------------------------------------------------------------------------------------- metric groups

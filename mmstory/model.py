@@ -12,7 +12,6 @@ predict, and letting the decoder read it would teach it to copy.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mmstory import inference
 from mmstory.config import Component, ConfigError, ModelConfig, from_dict, load_yaml, to_dict
 from mmstory.decoder import TextDecoder
 from mmstory.encoders import ENCODERS, EncoderOutput
-from mmstory.errors import UserError
+from mmstory.errors import UserError, is_disk_full
 from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
@@ -262,7 +261,6 @@ class MultimodalModel(nn.Module):
         """A folder with ``model.safetensors`` and ``config.yaml`` (plus tokenizer files). The saved config
         rebuilds the architecture without reaching for pretrained weights; the weights come from the file.
         A full disk raises ``UserError`` naming the file ("no space left on device while writing ...")."""
-        from safetensors import SafetensorError
         from safetensors.torch import save_model
 
         folder = Path(folder)
@@ -288,13 +286,9 @@ class MultimodalModel(nn.Module):
             if self.memory is not None:
                 writing = folder / "memory.safetensors"
                 self.memory.save(folder)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise UserError(f"no space left on device while writing {e.filename or writing}") from e
-            raise
-        except SafetensorError as e:  # safetensors reports I/O errors as "... No space left on device (os error 28)"
-            if f"os error {errno.ENOSPC}" in str(e):
-                raise UserError(f"no space left on device while writing {writing}") from e
+        except Exception as e:  # OSError(ENOSPC), or safetensors' "... (os error 28)"
+            if is_disk_full(e):
+                raise UserError(f"no space left on device while writing {getattr(e, 'filename', None) or writing}") from e
             raise
 
 

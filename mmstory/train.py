@@ -36,7 +36,6 @@ from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoder
 from mmstory.feature_cache import FeatureCache
 from mmstory.model import MultimodalModel, build_model
 from mmstory.retrieval import build_datastore
-from mmstory.evaluate import read_counts
 
 
 @dataclass

@@ -235,48 +235,38 @@ def wav_bytes(wave: np.ndarray, sr: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def test_nan_audio_is_a_bad_sample_and_an_error_naming_the_file(tmp_path):
-    from mmstory.data.manifest import check_sample
-    from mmstory.errors import UserError
-    from mmstory.inference import load_waveform
-
+def _nan_wave():
     wave = np.sin(np.linspace(0, 100, 8000))
     wave[100] = np.nan
-    clip = tmp_path / "nan.wav"
-    clip.write_bytes(wav_bytes(wave))
-    with pytest.raises(UserError, match=rf"cannot read audio {clip}: ValueError: 1 of 8000 samples are not finite"):
-        load_waveform(str(clip), 16000)
-    with pytest.raises(UserError, match="not finite"):
-        load_waveform(torch.tensor(wave), 16000)
-    assert "not finite" in check_sample({"wav": clip.read_bytes(), "json": b'{"captions": ["x"]}'})
-    with wds.TarWriter(str(tmp_path / "a.tar")) as w:
-        w.write({"__key__": "nan", "wav": clip.read_bytes(), "json": {"captions": ["a beep"]}})
-        w.write({"__key__": "ok", "flac": flac_bytes(0.5), "json": {"captions": ["a tone"]}})
-    loader = build_loader([str(tmp_path / "a.tar")], cfg(), tokenizer=TOK, train=False)
-    with pytest.warns(RuntimeWarning, match="skipping bad_audio: shard .*a.tar key nan: .*not finite"):
-        batches = drain(loader)
-    assert [k for b in batches for k in b["__key__"]] == ["ok"] and loader.stats["bad/bad_audio"] == 1
+    return wave
 
 
-def test_empty_audio_is_a_bad_sample_and_a_user_error(tmp_path):
+@pytest.mark.parametrize("name, wave, file_error, wave_error", [
+    ("nan", _nan_wave(), "ValueError: 1 of 8000 samples are not finite", "not finite"),
+    ("empty", np.zeros(0), "ValueError: empty audio", "non-empty 1-D array"),
+])
+def test_bad_audio_is_a_bad_sample_and_a_user_error_naming_the_file(tmp_path, name, wave, file_error, wave_error):
+    """NaN and empty audio: a UserError naming the file (files) or the problem (waveforms) in inference, a
+    problem found by verify's check_sample, and a bad_audio sample counted and skipped by the loader."""
     from mmstory.data.manifest import check_sample
     from mmstory.errors import UserError
     from mmstory.inference import load_waveform
 
-    clip = tmp_path / "empty.wav"
-    clip.write_bytes(wav_bytes(np.zeros(0)))
-    with pytest.raises(UserError, match=rf"cannot read audio {clip}: ValueError: empty audio"):
+    clip = tmp_path / f"{name}.wav"
+    clip.write_bytes(wav_bytes(wave))
+    reason = file_error.split(": ", 1)[1]
+    with pytest.raises(UserError, match=rf"cannot read audio {clip}: {file_error}"):
         load_waveform(str(clip), 16000)
-    with pytest.raises(UserError, match="non-empty 1-D array"):
-        load_waveform(np.zeros(0, dtype=np.float32), 16000)
-    assert "empty audio" in check_sample({"wav": clip.read_bytes(), "json": b'{"captions": ["x"]}'})
+    with pytest.raises(UserError, match=wave_error):
+        load_waveform(torch.tensor(wave, dtype=torch.float32), 16000)
+    assert reason in check_sample({"wav": clip.read_bytes(), "json": b'{"captions": ["x"]}'})
     with wds.TarWriter(str(tmp_path / "a.tar")) as w:
-        w.write({"__key__": "empty", "wav": clip.read_bytes(), "json": {"captions": ["silence"]}})
+        w.write({"__key__": name, "wav": clip.read_bytes(), "json": {"captions": ["a beep"]}})
         w.write({"__key__": "ok", "flac": flac_bytes(0.5), "json": {"captions": ["a tone"]}})
     loader = build_loader([str(tmp_path / "a.tar")], cfg(), tokenizer=TOK, train=False)
-    with pytest.warns(RuntimeWarning, match="skipping bad_audio: shard .*a.tar key empty: .*empty audio"):
+    with pytest.warns(RuntimeWarning, match=f"skipping bad_audio: shard .*a.tar key {name}: .*{reason}"):
         batches = drain(loader)
-    assert [k for b in batches for k in b["__key__"]] == ["ok"]
+    assert [k for b in batches for k in b["__key__"]] == ["ok"] and loader.stats["bad/bad_audio"] == 1
 
 
 @pytest.mark.parametrize("n", [1, 100, 200, 201, 400])

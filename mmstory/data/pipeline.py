@@ -301,6 +301,15 @@ def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
     return line
 
 
+def read_counts(stats: "Counter | dict[str, int]", *, complete: bool) -> dict:
+    """What the loader read: ``samples_read``, ``skipped`` {reason: n} (undecodable samples, unreadable or
+    truncated shards, shards with fewer samples than the manifest says), ``missing_samples`` (how many the
+    manifest counts but the shards did not hold) and whether the whole split was read (``complete``)."""
+    return {"samples_read": int(stats.get("samples", 0)), "complete": complete,
+            "skipped": {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")},
+            "missing_samples": int(stats.get("missing_samples", 0))}
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def iter_tar(url: str, stats: WorkerStats, expected: int | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard. An unreadable or truncated tar
