@@ -32,7 +32,7 @@ from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load
 from mmstory.config import (ConfigError, ModelConfig, _count, _is_number, _positive_int, _require, load_config,
                             to_dict)
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
-from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders
+from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders, read_counts
 from mmstory.feature_cache import FeatureCache
 from mmstory.model import MultimodalModel, build_model
 from mmstory.retrieval import build_datastore

@@ -2,7 +2,6 @@
 bounded number of steps, and its caption loss is clearly higher when each image is replaced by another."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
