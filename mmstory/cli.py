@@ -4,6 +4,7 @@
     mmstory data verify|build ...        manifests and converters (mmstory/data/cli.py)
     mmstory eval|caption|ask|retrieve    evaluation and inference (mmstory/eval_cli.py)
     mmstory train CONFIG [--k=v] [--resume]  training (mmstory/train.py)
+    mmstory serve MODEL [--gallery DIR]  HTTP API + web page (mmstory/serve/)
 
 Global options (before or after the command): --debug, --allow-pipe.
 
@@ -36,6 +37,7 @@ from mmstory.data.manifest import ManifestError
 from mmstory.encoders.base import PretrainedLoadError
 from mmstory.errors import UserError, is_disk_full
 from mmstory.eval_cli import add_eval_commands
+from mmstory.serve.cli import add_serve_commands
 from mmstory.train import add_train_commands
 
 
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_eval_commands(sub)
     add_train_commands(sub)
+    add_serve_commands(sub)
     # the global options also after the command (``mmstory train X.yaml --debug``); SUPPRESS: a command that
     # is not given one leaves the value parsed before it
     todo = list(sub.choices.values())

@@ -2,6 +2,7 @@
 path runs offline."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -141,3 +142,30 @@ def tiny_gpt2(tmp_path_factory):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(hf_tok), n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(folder)
     return str(folder)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run an ASGI app with uvicorn in a thread on a free localhost port; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

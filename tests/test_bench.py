@@ -102,3 +102,27 @@ def test_time_to_quality_smoke(tmp_path):
     assert reused["steps"] == res["train"]["mmstory"]["steps"]
     assert reused["fuse_question"] is main_job["data"]["loader"].get("fuse_question", False) is True  # the main job fuses it
     assert again["headline"]["mmstory:mmstory"] == res["headline"]["mmstory"]
+
+
+def test_serve_benchmark_runs_both_settings_without_failures(tmp_path):
+    """experiments/bench/serve.py end to end on a tiny model, on tiny counts: both settings answer every
+    request and the report has its fields (no timing is asserted)."""
+    pytest.importorskip("fastapi")
+    import serve as serve_bench
+    from conftest import tiny_config
+    from mmstory.model import build_model
+
+    cfg = tiny_config(audio=False)
+    cfg.decoder.max_len = 64
+    torch.manual_seed(0)
+    build_model(cfg).save(tmp_path / "model")
+    res = serve_bench.run(str(tmp_path / "model"), clients=4, requests=8, moderate_clients=2, moderate_requests=4,
+                          max_new_tokens=4, n_images=3, threads=1)
+    for setting, max_batch in (("batch1", 1), ("batched", 32)):
+        assert res[setting]["max_batch"] == max_batch
+        for load, n in (("heavy", 8), ("moderate", 4)):
+            r = res[setting][load]
+            assert r["ok"] == n and r["failures"] == {} and r["p50_ms"] <= r["p99_ms"]
+        assert res[setting]["server_stats"]["requests"] == 8 + 8 + 4  # warm-up, heavy, moderate
+    assert list(res["batch1"]["server_stats"]["batch_sizes"]) == ["1"]
+    assert "max_batch 32 | heavy | 4 | 8 / 0" in serve_bench.table(res)
