@@ -45,7 +45,8 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800",
-                "--disable-gpu", "--no-first-run"):
+                "--disable-gpu", "--no-first-run", "--use-fake-ui-for-media-stream",  # allow the microphone,
+                "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"):  # a fake one
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
     yield driver
@@ -99,3 +100,25 @@ def test_upload_caption_then_ask_in_the_page(tmp_path, browser):
         browser.find_element(By.ID, "file-input").send_keys(str(bad))
         error = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#thread .bubble.error")))
         assert "not an image file that PIL can read" in error.text
+
+
+def test_record_from_the_microphone_and_caption_it(tmp_path, browser):
+    """Chromium's fake microphone (a beep): record, stop, and the page sends a WAV it encoded itself."""
+    cfg = tiny_config()
+    cfg.decoder.max_len = 96
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with serving(create_app(model)) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        record = wait.until(EC.visibility_of_element_located((By.ID, "record")))
+        record.click()
+        wait.until(lambda d: "stop" in d.find_element(By.ID, "record").text)
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script("return recorder.chunks.length") >= 4)
+        record.click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#thread .bubble.caption, #thread .bubble.error")))
+        assert browser.find_elements(By.CSS_SELECTOR, "#thread .bubble.error") == []
+        assert browser.find_element(By.CSS_SELECTOR, "#preview .name").text == "recording.wav"
+        assert browser.find_element(By.CSS_SELECTOR, "#preview audio") is not None
+        stats = browser.execute_script("return fetch('/v1/stats').then(r => r.json())")
+        assert stats["requests"] == 1
