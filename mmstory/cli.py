@@ -5,6 +5,7 @@
     mmstory eval|caption|ask|retrieve    evaluation and inference (mmstory/eval_cli.py)
     mmstory train CONFIG [--k=v] [--resume]  training (mmstory/train.py)
     mmstory serve MODEL [--gallery DIR]  HTTP API + web page (mmstory/serve/)
+    mmstory compress quantize|info ...   int8 weights, model size (mmstory/compress/)
 
 Global options (before or after the command): --debug, --allow-pipe.
 
@@ -32,6 +33,7 @@ import sys
 import yaml
 from safetensors import SafetensorError
 
+from mmstory.compress.cli import add_compress_commands
 from mmstory.data.cli import add_data_commands
 from mmstory.data.manifest import ManifestError
 from mmstory.encoders.base import PretrainedLoadError
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_train_commands(sub)
     add_serve_commands(sub)
+    add_compress_commands(sub)
     # the global options also after the command (``mmstory train X.yaml --debug``); SUPPRESS: a command that
     # is not given one leaves the value parsed before it
     todo = list(sub.choices.values())

@@ -169,9 +169,14 @@ class ModelConfig:
     # data.loader.fuse_question, so a saved model answers the way it was trained)
     fuse_question: bool = False
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # set by `mmstory compress quantize` (mmstory/compress/quantize.py): "int8" -- the linear layers hold int8
+    # weights; `load` rebuilds them as Int8Linear before reading the file. quantize_skip: modules left in float.
+    quantize: str | None = None
+    quantize_skip: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _positive_int("dim", self.dim)
+        _require(self.quantize in (None, "int8"), "quantize", self.quantize, "null or int8")
         _positive_int("embed_dim", self.embed_dim)
         if self.retrieval.k and self.retrieval.layers:
             _divides("retrieval.heads", self.retrieval.heads, "the model's dim", self.dim)

@@ -348,6 +348,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         model = build_model(cfg, base_dir=folder).to(map_location)
     except ValueError as e:  # a constructor refused a value of the saved config
         raise ConfigError(f"{config_file} does not build a model: {e}") from e
+    if cfg.quantize:  # the int8 layers are rebuilt empty; their weights come from the file below
+        from mmstory.compress.quantize import quantize_linear
+
+        quantize_linear(model, cfg.quantize_skip, empty=True)
     weights = folder / "model.safetensors"
     try:
         load_model(model, str(weights), device=str(map_location))

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load_latest, prune_checkpoints, recover,
                                  save_checkpoint, truncate_log)
+from mmstory.compress.distill import Distiller
+from mmstory.compress.prune import prune, save_masks
 from mmstory.config import (ConfigError, ModelConfig, _count, _is_number, _positive_int, _require, load_config,
                             to_dict)
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
@@ -107,6 +109,37 @@ class ReportConfig:
 
 
 @dataclass
+class PruneSpec:
+    """Prune the ``init_from`` model before training it further (mmstory/compress/prune.py): ``unstructured``
+    zeroes the fraction ``amount`` of the linear weights with the smallest magnitude (sparsity, no CPU speed-up);
+    ``structured`` removes that fraction of every MLP's hidden channels (smaller matrices: faster)."""
+    kind: str = "none"
+    amount: float = 0.5
+
+    def __post_init__(self):
+        _require(self.kind in ("none", "unstructured", "structured"), "prune.kind", self.kind,
+                 "one of none, unstructured, structured")
+        _require(_is_number(self.amount) and 0 < self.amount < 1, "prune.amount", self.amount, "a fraction in (0, 1)")
+
+
+@dataclass
+class DistillSpec:
+    """Train this (smaller) model from a trained teacher as well as from the data (mmstory/compress/distill.py):
+    the teacher's softened next-token distribution at every scored position (``weight``) and its image-text /
+    audio-text similarities (``embed_weight``) join the model's own losses."""
+    teacher: str | None = None   # a saved model folder (e.g. runs/emoji_tiny/model); None: no distillation
+    temperature: float = 2.0
+    weight: float = 1.0
+    embed_weight: float = 1.0
+
+    def __post_init__(self):
+        _require(_is_number(self.temperature) and self.temperature > 0, "distill.temperature", self.temperature, "> 0")
+        for key in ("weight", "embed_weight"):
+            _require(_is_number(getattr(self, key)) and getattr(self, key) >= 0, f"distill.{key}",
+                     getattr(self, key), ">= 0")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     out_dir: str = "runs/{name}"
@@ -132,6 +165,8 @@ class TrainConfig:
     keep_last: int = 2
     final_eval: bool = True
     init_from: str | None = None  # a model folder (e.g. another run's checkpoint) to start from
+    prune: PruneSpec = field(default_factory=PruneSpec)  # prune the init_from model, then fine-tune it
+    distill: DistillSpec = field(default_factory=DistillSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -149,6 +184,8 @@ class TrainConfig:
             _count(key, getattr(self, key))
         _require(_is_number(self.max_minutes) and self.max_minutes >= 0, "max_minutes", self.max_minutes,
                  ">= 0 (0: no budget)")
+        _require(self.prune.kind == "none" or self.init_from, "init_from", self.init_from,
+                 "a model folder to prune (prune.kind is set)")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -332,6 +369,20 @@ def frozen_feature_cache(cfg: TrainConfig, model: MultimodalModel, verbose: bool
     return FeatureCache(frozen)
 
 
+def init_weights(model: MultimodalModel, folder: str, device: torch.device, log=print) -> None:
+    """Start from the weights of a saved model folder (``init_from``); tensors the model lacks or that the
+    folder lacks are reported, not fatal (e.g. a new loss's temperature)."""
+    from safetensors.torch import load_model
+
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_from: no model.safetensors in {folder}")
+    # load_model, not load_state_dict: it knows the file stores a tied weight (lm_head = token embedding) once
+    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    log(f"initialised from {folder} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        + (f"; missing: {missing[:8]}" if missing else ""))
+
+
 def loss_items(out: dict) -> dict[str, float]:
     """The scalar loss terms of a model output ("loss" and every "<name>_loss") as floats."""
     return {k: v.item() for k, v in out.items() if k.endswith("loss") and torch.is_tensor(v)}
@@ -438,6 +489,11 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     model.freeze(cfg.freeze)
+    masks = None
+    if cfg.prune.kind != "none":  # the same structure and masks on a resume: they follow from init_from's weights
+        init_weights(model, cfg.init_from, device, log=print if is_main else lambda *_: None)
+        masks = prune(model, cfg.prune.kind, cfg.prune.amount, log=print if is_main else lambda *_: None)
+    distiller = Distiller(cfg.distill, model, device) if cfg.distill.teacher else None
     cache = frozen_feature_cache(cfg, model, is_main)
     for enc in model.encoders.values():
         if hasattr(enc, "transformer"):
@@ -453,16 +509,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     replans: list = []  # (step, cosine position) where a budgeted run changed `total`: see cosine_position
     loaded = load_latest(ckpt_dir, model, device, log=print if is_main else lambda *_: None) if resume else None
     last = loaded[0] if loaded else None
-    if cfg.init_from and last is None:
-        from safetensors.torch import load_file
-
-        weights = Path(cfg.init_from) / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"init_from: no model.safetensors in {cfg.init_from}")
-        missing, unexpected = model.load_state_dict(load_file(str(weights), device=str(device)), strict=False)
-        if is_main:
-            print(f"initialised from {cfg.init_from} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
-                  + (f"; missing: {missing[:8]}" if missing else ""))
+    if cfg.init_from and last is None and cfg.prune.kind == "none":
+        init_weights(model, cfg.init_from, device, log=print if is_main else lambda *_: None)
     if resume and last is None and is_main:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
     if loaded is not None:
@@ -567,6 +615,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
                 if cache is not None:
                     batch["features"] = cache(core, batch)
                 out = model(batch)
+                if distiller is not None:
+                    distiller.add_terms(out, batch)
                 loss = out["loss"] / cfg.optim.accum_steps
             if not torch.isfinite(loss):
                 keys = batch["__key__"]
@@ -587,6 +637,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if masks is not None:  # pruned weights stay zero
+            masks.apply(core)
         scheduler.step()
         step += 1
         if step == first_step + 1:
@@ -678,6 +730,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     if is_main:
         writer.close()
         host.save(out_dir / "model")
+        if masks is not None:
+            save_masks(masks, out_dir / "model")
         from mmstory.plots import plot_metrics
 
         plot_metrics(log_path, out_dir / "plots")

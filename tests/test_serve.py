@@ -395,3 +395,19 @@ def test_bounded_load_has_no_failures_and_stable_memory(served):
             rss_second = proc.memory_info().rss
     assert first.count(200) == 160 and second.count(200) == 160
     assert rss_second - rss_first < 40e6, f"memory grew by {(rss_second - rss_first) / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/model"], "model folder not found: /nonexistent/model"),
+    (["MODEL", "--max-batch", "0"], "max-batch must be >= 1, got 0"),
+    (["MODEL", "--port", "http"], "port must be an integer, got 'http'"),
+])
+def test_serve_command_line_errors_are_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    args = [str(tmp_path) if a == "MODEL" else a for a in args]
+    res = subprocess.run([sys.executable, "-m", "mmstory.cli", "serve", *args], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr

@@ -6,6 +6,7 @@ import ipaddress
 import sys
 
 from mmstory.errors import UserError
+from mmstory.eval_cli import _int_at_least
 
 SERVE_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart"}
 
@@ -53,17 +54,17 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("model", help="a saved model folder (mmstory.load)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_at_least("port", 0), default=8000)
     p.add_argument("--gallery", help="a folder of images/audio to index at start-up for /v1/retrieve")
-    p.add_argument("--max-batch", type=int, default=32, help="requests per batched forward (1: no batching)")
+    p.add_argument("--max-batch", type=_int_at_least("max-batch", 1), default=32, help="requests per batched forward (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first request of a batch waits for others (default 5)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503 + Retry-After")
+    p.add_argument("--max-queue", type=_int_at_least("max-queue", 1), default=256, help="waiting requests beyond this get 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get 413")
-    p.add_argument("--max-image-pixels", type=int, default=25_000_000, help="larger images get 413")
+    p.add_argument("--max-image-pixels", type=_int_at_least("max-image-pixels", 1), default=25_000_000, help="larger images get 413")
     p.add_argument("--max-audio-seconds", type=float, default=60.0, help="longer clips get 413")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens a request may ask for")
+    p.add_argument("--max-new-tokens", type=_int_at_least("max-new-tokens", 1), default=64, help="the most tokens a request may ask for")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_int_at_least("threads", 1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
