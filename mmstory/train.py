@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load_latest, prune_checkpoints, recover,
                                  save_checkpoint, truncate_log)
 from mmstory.compress.distill import Distiller
-from mmstory.compress.prune import prune, save_masks
+from mmstory.compress.prune import KINDS as PRUNE_KINDS, prune, save_masks
 from mmstory.config import (ConfigError, ModelConfig, _count, _is_number, _positive_int, _require, load_config,
                             to_dict)
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
@@ -117,8 +117,7 @@ class PruneSpec:
     amount: float = 0.5
 
     def __post_init__(self):
-        _require(self.kind in ("none", "unstructured", "structured"), "prune.kind", self.kind,
-                 "one of none, unstructured, structured")
+        _require(self.kind in PRUNE_KINDS, "prune.kind", self.kind, f"one of {', '.join(PRUNE_KINDS)}")
         _require(_is_number(self.amount) and 0 < self.amount < 1, "prune.amount", self.amount, "a fraction in (0, 1)")
 
 
@@ -486,13 +485,14 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     if world > 1:
         dist.barrier()  # the other ranks read the checkpoints rank 0 may just have repaired
 
+    log = print if is_main else (lambda *_: None)  # messages from rank 0 only
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     model.freeze(cfg.freeze)
     masks = None
     if cfg.prune.kind != "none":  # the same structure and masks on a resume: they follow from init_from's weights
-        init_weights(model, cfg.init_from, device, log=print if is_main else lambda *_: None)
-        masks = prune(model, cfg.prune.kind, cfg.prune.amount, log=print if is_main else lambda *_: None)
+        init_weights(model, cfg.init_from, device, log=log)
+        masks = prune(model, cfg.prune.kind, cfg.prune.amount, log=log)
     distiller = Distiller(cfg.distill, model, device) if cfg.distill.teacher else None
     cache = frozen_feature_cache(cfg, model, is_main)
     for enc in model.encoders.values():
@@ -507,10 +507,10 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
     step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
     total = cfg.steps  # fewer if max_minutes is set and the measured rate shows cfg.steps would not fit
     replans: list = []  # (step, cosine position) where a budgeted run changed `total`: see cosine_position
-    loaded = load_latest(ckpt_dir, model, device, log=print if is_main else lambda *_: None) if resume else None
+    loaded = load_latest(ckpt_dir, model, device, log=log) if resume else None
     last = loaded[0] if loaded else None
     if cfg.init_from and last is None and cfg.prune.kind == "none":
-        init_weights(model, cfg.init_from, device, log=print if is_main else lambda *_: None)
+        init_weights(model, cfg.init_from, device, log=log)
     if resume and last is None and is_main:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
     if loaded is not None:

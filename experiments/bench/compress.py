@@ -6,8 +6,8 @@ KV cache), and val_style / val_novel quality (CIDEr, VQA, image->text R@1) with 
     python experiments/bench/compress.py --run runs/emoji_tiny \\
         float=runs/emoji_tiny/model int8=runs/emoji_tiny_int8 ... [--out experiments/bench/compress_results.json]
 
-The first row is the reference: every other row gets its speed and size ratios and each quality number's
-relative change against it. Timings: the median of --repeats runs after --warmup runs, torch threads = 2.
+The file keeps the raw measurements; `--table FILE --reference NAME` prints them with speed, size and parameter
+ratios against one row (default: the first). Timings: the median of --repeats runs after --warmup runs, torch threads = 2.
 The quality numbers use the report's decoding (captions beam 3, answers greedy), up to --max-samples per split.
 """
 from __future__ import annotations
@@ -206,15 +206,7 @@ def main() -> None:
         rows[name]["folder"] = folder
         print(f"{name}: {time.perf_counter() - t:.0f} s  {json.dumps({k: v for k, v in rows[name].items() if k != 'sample_captions'})}",
               flush=True)
-    ref = rows[next(iter(rows))]
-    for row in rows.values():
-        row["vs_first"] = {
-            "batch1_speedup": ref["caption_batch1_ms_median"] / row["caption_batch1_ms_median"],
-            "batch64_speedup": row["images_per_s_batch64"] / ref["images_per_s_batch64"],
-            "linear_weights_smaller": ref["linear_weight_bytes"] / row["linear_weight_bytes"],
-            "parameters_ratio": row["parameters"] / ref["parameters"],
-            **{f"{s}/{k}_relative_change": row[s][k] / ref[s][k] - 1 for s in ("val_style", "val_novel")
-               if s in row for k in row[s] if ref[s][k]}}
+    # ratios are not stored: `--table FILE --reference NAME` derives them against the row chosen
     import torch
 
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_flags()}",

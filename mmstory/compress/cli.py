@@ -1,7 +1,8 @@
 """``mmstory compress quantize MODEL OUT`` and ``mmstory compress info MODEL``.
 
-Pruning and distillation train, so they are training configs (``prune:`` / ``distill:`` keys,
-``experiments/emoji_prune_*.yaml``, ``experiments/emoji_distill.yaml``); quantization needs no training.
+Pruning and distillation train, so they are training config keys (``prune:`` with ``init_from``, e.g.
+``--prune.kind=structured``; ``distill:``, as in ``experiments/emoji_distill.yaml``); quantization needs no
+training.
 """
 from __future__ import annotations
 

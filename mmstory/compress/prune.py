@@ -16,6 +16,7 @@ its config; the MLPs hold two thirds of an encoder block's weights.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -51,16 +52,12 @@ class PruneMasks:
         threshold = weights.kthvalue(k).values if k > 0 else weights.new_tensor(-1.0)
         return cls({f"{name}.weight": m.weight.detach().abs().float() > threshold for name, m in layers.items()})
 
-    @classmethod
-    def from_zeros(cls, model: nn.Module) -> "PruneMasks":
-        """The masks of a model pruned before (resume): its prunable weights that are exactly zero."""
-        return cls({f"{name}.weight": m.weight.detach() != 0 for name, m in prunable_linears(model).items()})
-
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
+        """Zero the pruned entries in place (called after every optimizer step: a lookup per mask and an
+        in-place multiply by the bool mask, no copies)."""
         for name, mask in self.masks.items():
-            params[name].mul_(mask.to(params[name].dtype))
+            model.get_parameter(name).mul_(mask)
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
@@ -140,13 +137,13 @@ MASKS_FILE = "prune_masks.safetensors"
 def prune(model: nn.Module, kind: str, amount: float, log=print) -> PruneMasks | None:
     """Prune ``model`` in place (``TrainConfig.prune``); returns the masks a fine-tune keeps applying
     (unstructured), or None (structured: the pruned channels are gone)."""
-    before = sum(p.numel() for p in model.parameters())
     if kind == "unstructured":
         masks = PruneMasks.magnitude(model, amount)
         masks.apply(model)
         log(f"pruned (unstructured): {masks.sparsity():.1%} of {len(masks.masks)} linear layers' weights set to zero")
         return masks
     if kind == "structured":
+        before = sum(p.numel() for p in model.parameters())
         model.config = copy.deepcopy(model.config)  # the run's own config stays as written
         kept = prune_mlp_channels(model, amount)
         after = sum(p.numel() for p in model.parameters())
@@ -158,16 +155,12 @@ def prune(model: nn.Module, kind: str, amount: float, log=print) -> PruneMasks |
 def save_masks(masks: PruneMasks, folder) -> None:
     """The masks beside a saved model (``prune_masks.safetensors``, uint8, 1 = kept): a later fine-tune or a
     sparse kernel reads which weights were pruned."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     save_file(masks.state_dict(), str(Path(folder) / MASKS_FILE))
 
 
 def load_masks(folder) -> PruneMasks:
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     return PruneMasks({k: v.bool() for k, v in load_file(str(Path(folder) / MASKS_FILE)).items()})

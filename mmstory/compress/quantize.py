@@ -20,15 +20,12 @@ in experiments/README.md).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# the decoder's vocabulary head is tied to its token embedding; a quantized head gets its own int8 copy
-TIED_HEAD = "decoder.lm_head"
-
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> (int8 (out, in), scale (out,) float32), symmetric per row: w ~= q * scale[:, None]."""
@@ -38,7 +35,9 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@functools.cache
 def fbgemm_available() -> bool:
+    """Whether this torch build has FBGEMM (x86); asked once, not on every forward."""
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
