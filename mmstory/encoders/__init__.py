@@ -1,9 +1,11 @@
-"""Encoders by name. Every encoder's ``forward(x, mask=None)`` returns ``EncoderOutput(tokens (B, N, D),
-mask (B, N) bool, pooled (B, D'))`` and exposes ``modality`` (the input it reads: image, text or audio), ``width`` (D) and
-``pooled_width`` (D').
+"""Encoders by name. Every encoder subclasses ``Encoder`` (base.py: the contract): ``forward(x, mask=None)``
+returns ``EncoderOutput(tokens (B, N, D), mask (B, N) bool, pooled (B, D'))``; it states ``modality`` (the input
+it reads: image, text or audio), ``width`` (D), ``pooled_width`` (D'), what it dictates to its data
+(``preprocess``, ``tokenizer``, ``max_len``, ``max_seconds``), how it is saved (``checkpoint_args``) and
+implements ``set_grad_checkpointing``.
 To add one: write its file, add one line here; the registry-parametrized tests then cover it."""
 from mmstory.encoders.audio import AudioTransformerEncoder
-from mmstory.encoders.base import EncoderOutput, PretrainedLoadError
+from mmstory.encoders.base import Encoder, EncoderOutput, PretrainedLoadError
 from mmstory.encoders.hf_text import HFTextEncoder
 from mmstory.encoders.open_clip_towers import OpenCLIPTextEncoder, OpenCLIPVisualEncoder
 from mmstory.encoders.text_transformer import TextTransformerEncoder
@@ -24,4 +26,4 @@ ENCODERS = Registry("encoder", {
     "audio_transformer": AudioTransformerEncoder,  # audio, log-mel + Transformer
 })
 
-__all__ = ["ENCODERS", "EncoderOutput", "PretrainedLoadError"]
+__all__ = ["ENCODERS", "Encoder", "EncoderOutput", "PretrainedLoadError"]

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn as nn
 
-from mmstory.encoders.base import EncoderOutput
-from mmstory.layers import Transformer, init_weights
+from mmstory.encoders.base import Encoder, EncoderOutput
+from mmstory.layers import MLP, Transformer, init_weights
 
 
 class LogMel(nn.Module):
@@ -47,7 +47,7 @@ class LogMel(nn.Module):
         return ((mel + 4.0) / 4.0).transpose(1, 2)
 
 
-class AudioTransformerEncoder(nn.Module):
+class AudioTransformerEncoder(Encoder):
     """Log-mel frames, ``frames_per_token`` consecutive frames per token, class token, Transformer.
 
     Input wave (B, T) float and mask (B, T) bool (True = real sample; padding is zeroed first so its
@@ -89,3 +89,9 @@ class AudioTransformerEncoder(nn.Module):
         mask = torch.cat([token_mask.new_ones(B, 1), token_mask], dim=1)
         x = self.transformer(x, mask)
         return EncoderOutput(x, mask, x[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def resizable_mlps(self) -> list[MLP]:
+        return [m for m in self.transformer.modules() if isinstance(m, MLP)]

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from mmstory.encoders.base import EncoderOutput, pretrained_error
+from mmstory.encoders.base import Encoder, EncoderOutput, pretrained_error
 from mmstory.encoders.package_weights import PREFIX, package_folder
 
 
-class HFTextEncoder(nn.Module):
+class HFTextEncoder(Encoder):
     """tokens: last hidden state (B, L, hidden); pooled: masked mean of the tokens (B, hidden), the
     pooling sentence-transformers models such as all-MiniLM-L6-v2 are trained with.
 
@@ -65,3 +64,18 @@ class HFTextEncoder(nn.Module):
         self.tokenizer.save(Path(folder) / "text_tokenizer")
         config = json.loads(self.model.config.to_json_string())  # plain data for config.yaml
         return {"config": config, "tokenizer_path": "text_tokenizer"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers checkpoints each layer, in training mode only. Newer versions name the methods
+        # activation_checkpointing_* (the gradient_checkpointing_* names warn).
+        m = self.model
+        new_names = hasattr(m, "activation_checkpointing_enable")
+        if not enable:
+            (m.activation_checkpointing_disable if new_names else m.gradient_checkpointing_disable)()
+            return
+        # Non-reentrant, as our own towers: it needs no input that requires grad.
+        (m.activation_checkpointing_enable if new_names else m.gradient_checkpointing_enable)({"use_reentrant": False})
+        # Some versions also hook the input embeddings so that their output requires grad (only reentrant
+        # checkpointing needs it): a frozen tower would then build an autograd graph, and run backward, for nothing.
+        if getattr(m, "_require_grads_hook", None) is not None:
+            m.disable_input_require_grads()

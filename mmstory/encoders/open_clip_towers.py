@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmstory.encoders.base import EncoderOutput, full_mask, pretrained_error
+from mmstory.encoders.base import Encoder, EncoderOutput, full_mask, pretrained_error
 
 
 def create_open_clip(model_name: str, pretrained: str | None) -> nn.Module:
@@ -24,7 +24,7 @@ def create_open_clip(model_name: str, pretrained: str | None) -> nn.Module:
         raise pretrained_error("open_clip", model_name, pretrained, e) from e
 
 
-class OpenCLIPVisualEncoder(nn.Module):
+class OpenCLIPVisualEncoder(Encoder):
     """open_clip ViT visual tower. tokens: patch tokens after ln_post (B, N, width); pooled: the tower's
     projected embedding (B, embed_dim)."""
 
@@ -52,8 +52,11 @@ class OpenCLIPVisualEncoder(nn.Module):
     def checkpoint_args(self, folder) -> dict:
         return {**self.args, "pretrained": None}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)  # open_clip's: checkpoints each residual block
 
-class OpenCLIPTextEncoder(nn.Module):
+
+class OpenCLIPTextEncoder(Encoder):
     """open_clip text tower (causal Transformer) with its own CLIP tokenizer. tokens (B, L, width),
     mask from the ids (open_clip pads with 0), pooled: the projected EOT embedding (B, embed_dim)."""
 
@@ -86,3 +89,6 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def checkpoint_args(self, folder) -> dict:
         return {**self.args, "pretrained": None}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text.set_grad_checkpointing(enable)  # open_clip's: checkpoints each residual block

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmstory.encoders.base import EncoderOutput
-from mmstory.layers import Transformer, init_weights
+from mmstory.encoders.base import Encoder, EncoderOutput
+from mmstory.layers import MLP, Transformer, init_weights
 
 
-class TextTransformerEncoder(nn.Module):
+class TextTransformerEncoder(Encoder):
     """Token + learned position embeddings, Transformer with key padding.
 
     Input ids (B, L) that start with BOS, mask (B, L). The BOS position acts as the class token:
@@ -36,3 +36,9 @@ class TextTransformerEncoder(nn.Module):
         x = self.tok(ids) + self.pos[:, : ids.shape[1]]
         x = self.transformer(x, mask)
         return EncoderOutput(x, mask, x[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def resizable_mlps(self) -> list[MLP]:
+        return [m for m in self.transformer.modules() if isinstance(m, MLP)]

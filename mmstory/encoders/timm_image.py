@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmstory.encoders.base import EncoderOutput, full_mask, pretrained_error
+from mmstory.encoders.base import Encoder, EncoderOutput, full_mask, pretrained_error
 from mmstory.encoders.package_weights import is_package_source, load_package_weights
 
 
@@ -40,7 +40,7 @@ def _timm_preprocess(model: nn.Module) -> dict:
     return {"image_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
-class TimmCNNEncoder(nn.Module):
+class TimmCNNEncoder(Encoder):
     """Any timm CNN by name (resnet*, convnext*, efficientnet*, ...). tokens: the final feature map
     (B, H'*W', C); pooled: timm's own head pooling without the classifier (B, C).
 
@@ -82,8 +82,13 @@ class TimmCNNEncoder(nn.Module):
     def checkpoint_args(self, folder) -> dict:
         return {**self.args, "pretrained": False}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # timm's: checkpoints each block (also in ``forward_intermediates``, the feature_stage path). Its
+        # recomputation runs BatchNorm again, which updates the running statistics a second time per step.
+        self.model.set_grad_checkpointing(enable)
 
-class TimmViTEncoder(nn.Module):
+
+class TimmViTEncoder(Encoder):
     """Any timm ViT by name (vit_*, deit_*, eva*, ...). tokens: prefix (class/register) + patch tokens
     after the final norm (B, N, D); pooled: the model's own pooling (class token or average)."""
 
@@ -107,3 +112,6 @@ class TimmViTEncoder(nn.Module):
 
     def checkpoint_args(self, folder) -> dict:
         return {**self.args, "pretrained": False}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)  # timm's: checkpoints each block

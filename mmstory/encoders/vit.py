@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmstory.encoders.base import CLIP_MEAN, CLIP_STD, EncoderOutput, full_mask
-from mmstory.layers import Transformer, init_weights
+from mmstory.encoders.base import CLIP_MEAN, CLIP_STD, Encoder, EncoderOutput, full_mask
+from mmstory.layers import MLP, Transformer, init_weights
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(Encoder):
     """Patch embedding + class token + learned positions + Transformer.
 
     tokens: (B, 1 + (S/p)^2, width) incl. the class token; pooled: the class token (B, width).
@@ -39,3 +39,9 @@ class ViTEncoder(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         x = self.transformer(x)
         return EncoderOutput(x, full_mask(x), x[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def resizable_mlps(self) -> list[MLP]:
+        return [m for m in self.transformer.modules() if isinstance(m, MLP)]
