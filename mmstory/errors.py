@@ -12,6 +12,12 @@ class UserError(ValueError):
     which and why. A ValueError, so callers that caught ValueError before keep working."""
 
 
+class ManifestError(ValueError):
+    """A manifest or one of its shards is wrong; the message names the file and the problem. Defined here,
+    not in mmstory/data/manifest.py, because the shard reader (mmstory/data/shards.py), which manifest.py
+    builds on, raises it too."""
+
+
 def is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` is a write that failed for want of disk space. Python raises OSError(ENOSPC); torch.save
     raises RuntimeError ("enforce fail at inline_container.cc ... unexpected pos" / "file write failed");

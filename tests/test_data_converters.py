@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,31 @@ def test_verify_reports_truncated_tar_and_bad_sample(tmp_path):
     assert not report["ok"]
     assert any("train-000000.tar" in e and ("unreadable" in e or "size mismatch" in e) for e in report["errors"])
     assert [(b["key"], b["reason"].split(":")[0]) for b in report["bad_samples"]] == [("s004", "png")]
+
+
+def test_verify_counts_the_samples_the_loader_reads(tmp_path):
+    """The verifier and the loader group a tar's files into samples with the same code (data/shards.py): on a
+    shard cut anywhere, and on one with files that are no sample (a dot file in a folder, a name without a
+    dot), they count the same samples."""
+    from mmstory.data.manifest import ShardInfo, verify_shard
+    from mmstory.data.shards import iter_tar
+    from mmstory.data.stats import WorkerStats
+
+    shard = Path(load_manifest(_tiny_dataset(tmp_path, n=4, per_shard=4)).split("train").urls[0])
+    with tarfile.open(shard, "a") as tar:
+        for name in ("d/._s004.png", "README"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    whole = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    for end in range(len(whole), 0, -317):
+        cut.write_bytes(whole[:end])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loader's warning about the cut shard
+            read = len(list(iter_tar(str(cut), WorkerStats(None, 0, 0))))
+        assert verify_shard(ShardInfo(str(cut)), decode=False)["samples"] == read, end
+        assert read == 4 or end < len(whole)
 
 
 def test_cli_verify_summary_and_failure(tmp_path, capsys):

@@ -14,7 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmstory.data.pipeline import DataConfig, build_loader, build_mixed_loader, collate, decoder_sequence
+from mmstory.config import DataConfig
+from mmstory.data.collate import collate
+from mmstory.data.loader import build_loader, build_mixed_loader
+from mmstory.prompts import decoder_sequence
 from mmstory.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -190,7 +193,7 @@ def test_resume_equals_tail_of_full_run(tmp_path):
 def test_workers_share_shards_when_they_outnumber_them(tmp_path):
     """A rank with fewer shards than workers (3 shards, 8 workers): worker w reads shard w % 3, every
     k-th sample from offset w // 3, so no worker idles and each sample is read once."""
-    from mmstory.data.pipeline import epoch_shards
+    from mmstory.data.loader import epoch_shards
 
     parts = [epoch_shards(["a", "b", "c"], seed=0, epoch=0, shuffle=False, rank=0, world_size=1, worker=w,
                           num_workers=8) for w in range(8)]
@@ -307,7 +310,7 @@ def test_mixer_weights_interleave_epochs_and_set_shares_when_resampled():
     import math
     from itertools import islice
 
-    from mmstory.data.pipeline import MixedLoader
+    from mmstory.data.loader import MixedLoader
 
     mixer = MixedLoader({"image": None, "audio": None}, {"image": 3.0, "audio": 1.0})
     epoch = list(mixer._choices({"image": 41, "audio": 20}))
@@ -320,7 +323,7 @@ def test_mixer_weights_interleave_epochs_and_set_shares_when_resampled():
 def test_subsample_keeps_a_fixed_spread_out_subset_chosen_by_key(tmp_path):
     """subsample N keeps the samples whose key hashes to 0 mod N: the same ones on every pass and with any
     number of workers (the fit sample and leave-one-out evaluations rely on it)."""
-    from mmstory.data.pipeline import stable_seed
+    from mmstory.data.loader import stable_seed
 
     urls = write_shards(tmp_path, 2, 40)
     everything = keys(build_loader(urls, cfg(workers=0), tokenizer=TOK, train=False))

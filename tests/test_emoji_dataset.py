@@ -1,6 +1,8 @@
-"""Checks on the committed emoji dataset (data_manifests/emoji*): reads files only, no rebuild."""
+"""Checks on the committed emoji dataset (data_manifests/emoji*): reads files only, no full rebuild (that needs
+fonts and tools); the builder's shard writing and tokenizer training are checked against the committed files."""
 
 import hashlib
+import importlib.util
 import io
 import json
 import tarfile
@@ -168,3 +170,32 @@ def test_tokenizer_round_trip(manifest, data):
         ids = tok.encode(text).ids
         assert tok.get_vocab_size() > max(ids)
         assert tok.decode(ids) == text
+
+
+def _builder():
+    """tools/build_emoji.py, a script outside the package, imported from its file."""
+    spec = importlib.util.spec_from_file_location("build_emoji", ROOT.parent / "tools" / "build_emoji.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builder_writes_the_committed_shards_byte_for_byte(manifest, data, tmp_path):
+    """The builder's shard writing (mmstory's writer with the builder's tar headers) gives every committed shard
+    back from its samples, so a rebuild keeps the manifest's sha256."""
+    build = _builder()
+    for name, split in manifest["splits"].items():
+        prefix = Path(split["shards"][0]["path"]).name.rsplit("-", 1)[0]
+        assert build.write_split(tmp_path / "emoji", prefix, sorted(data[name].items())) == split["shards"], name
+
+
+def test_builder_trains_the_committed_tokenizer(manifest, data, tmp_path, monkeypatch):
+    """The tokenizer trained on the train concepts' text gives the committed tokenizer.json. Each audio_train
+    clip carries its concept's json, and its key order is the builder's concept order."""
+    build = _builder()
+    # the builder sets these in os.environ; set through monkeypatch first, they are undone after the test
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    metas = [_meta(fields) for _, fields in sorted(data["audio_train"].items())]
+    build.train_tokenizer(build.tokenizer_texts(metas), tmp_path / "tokenizer.json")
+    assert (tmp_path / "tokenizer.json").read_bytes() == (ROOT / manifest["tokenizer"]).read_bytes()

@@ -15,8 +15,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import mmstory
 from mmstory.data.manifest import ManifestError, load_manifest, verify
-from mmstory.data.pipeline import EmptySplitError, build_loader, build_mixed_loader
+from mmstory.data.loader import EmptySplitError, build_loader, build_mixed_loader
 from test_data_pipeline import TOK, cfg, flac_bytes, png_bytes, write_shards
 
 
@@ -79,8 +80,9 @@ def test_a_manifest_cannot_run_a_shell_command(tmp_path, monkeypatch):
 def test_pipe_urls_are_refused_however_they_are_spelt(tmp_path, monkeypatch, url):
     """gopen finds the scheme with urllib, which lower-cases it and drops leading blanks, control characters,
     tabs and newlines: each of these would reach gopen_pipe (and, under python -O, a shell)."""
-    from mmstory.data.manifest import _open_stream, check_url
-    from mmstory.data.pipeline import WorkerStats, iter_tar
+    from mmstory.data.manifest import _open_stream
+    from mmstory.data.shards import check_url, iter_tar
+    from mmstory.data.stats import WorkerStats
 
     monkeypatch.delenv("MMSTORY_ALLOW_PIPE", raising=False)
     pwned = tmp_path / "pwned"
@@ -93,7 +95,7 @@ def test_pipe_urls_are_refused_however_they_are_spelt(tmp_path, monkeypatch, url
 
 
 def test_schemes_that_run_no_shell_are_allowed(tmp_path, monkeypatch):
-    from mmstory.data.manifest import check_url
+    from mmstory.data.shards import check_url
 
     monkeypatch.delenv("MMSTORY_ALLOW_PIPE", raising=False)
     for url in ("/data/a.tar", "rel/a.tar", "file:///data/a.tar", "http://host/a.tar", "https://host/a.tar",
@@ -298,4 +300,4 @@ def test_answer_refuses_an_empty_question(tiny_model):
     image = np.zeros((16, 16, 3), dtype=np.uint8)
     for question in ("", "   ", ["what is it?", " "]):
         with pytest.raises(UserError, match="the question is empty"):
-            tiny_model.answer(image=image, question=question)
+            mmstory.answer(tiny_model, image=image, question=question)

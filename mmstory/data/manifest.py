@@ -5,6 +5,8 @@ lists, per split, webdataset tar shards with optional sample counts, sizes and s
 Shard paths are relative to the manifest's folder, absolute, or URLs (``http(s)://``, ``pipe:``).
 A split may give a brace ``pattern`` (``train-{000000..000099}.tar``) instead of a shard list, for
 data the user builds; ``write_counts`` then replaces it by an explicit, checksummed shard list.
+Which shard URLs may be opened, and how a tar's files group into samples, is mmstory/data/shards.py's,
+shared with the loader, so ``verify`` counts the samples the loader reads.
 
     m = load_manifest("data_manifests/coco_karpathy.json")
     urls = m.split("train").urls                 # feed to webdataset.WebDataset
@@ -19,14 +21,16 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import braceexpand
 from tqdm import tqdm
+
+from mmstory.data.shards import TarSamples, check_url, is_url, local_path
+from mmstory.errors import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,6 @@ AUDIO_EXTS = {"flac", "wav", "mp3", "ogg"}
 TEXT_EXTS = {"txt", "text", "caption"}
 
 
-class ManifestError(ValueError):
-    """A manifest or one of its shards is wrong; the message names the file and the problem."""
-
-
 @dataclass
 class ShardInfo:
     url: str                      # absolute local path or URL, ready for webdataset
@@ -55,7 +55,7 @@ class ShardInfo:
 
     @property
     def is_local(self) -> bool:
-        return _local_path(self.url) is not None
+        return local_path(self.url) is not None
 
     @property
     def display(self) -> str:
@@ -99,57 +99,8 @@ class Manifest:
 
 # ---------------------------------------------------------------------------------------- loading
 
-def _is_url(s: str) -> bool:
-    return s.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s) is not None
-
-
-PIPE_OPT_IN = "MMSTORY_ALLOW_PIPE"
-
-
-def pipe_allowed() -> bool:
-    """Whether ``pipe:`` shard URLs may run (``mmstory --allow-pipe`` sets the variable, which DataLoader
-    workers inherit)."""
-    return os.environ.get(PIPE_OPT_IN, "") == "1"
-
-
-def url_scheme(url: str) -> str:
-    """The scheme webdataset's ``gopen`` dispatches ``url`` on ("" for a local path). Parsed exactly as gopen
-    parses it (``urllib.parse``: lower-cased, leading spaces and control characters dropped, tabs and
-    newlines removed), so ``PIPE:cmd`` or `` pipe:cmd`` cannot slip past a plain ``startswith("pipe:")``."""
-    from urllib.parse import urlparse
-
-    try:
-        return urlparse(url).scheme
-    except ValueError:  # e.g. a malformed IPv6 host: gopen fails on it too, before running anything
-        return "?"
-
-
-def check_url(url: str) -> None:
-    """Refuse a shard URL that would run a shell command or read standard input; the one check that every
-    reader of shards (manifest loading, the loader, the verifier) makes before opening one.
-
-    What webdataset 1.0's ``gopen`` does with each URL (webdataset/gopen.py): ``-`` reads stdin; no scheme
-    and ``file:`` open a local file; ``pipe:CMD`` runs CMD through ``/bin/sh`` (``shell=True``); http, https,
-    sftp, ftps and scp run ``curl ... URL``, gs runs ``gsutil cat URL``, ais ``ais get URL -``, hf and htgs
-    curl: a fixed program with the URL as one argument, no shell, so those are allowed; any other scheme is
-    refused by gopen itself. A manifest is data that people download, so ``pipe:`` is refused unless the user
-    opts in (``mmstory --allow-pipe`` or ``MMSTORY_ALLOW_PIPE=1``, which DataLoader workers inherit)."""
-    if url_scheme(url) == "pipe" and not pipe_allowed():
-        raise ManifestError(f"shard {url!r} would run a shell command; pipe: shards run only when you allow them "
-                            f"(mmstory --allow-pipe ..., or {PIPE_OPT_IN}=1), for manifests you wrote")
-    if url.strip() == "-":
-        raise ManifestError("shard '-' (standard input) is not a shard path")
-
-
-def _local_path(url: str) -> str | None:
-    """The filesystem path of a local shard, or None for a remote one."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if _is_url(url) else url
-
-
 def _display(url: str) -> str:
-    path = _local_path(url)
+    path = local_path(url)
     if path is None:
         return url
     rel = os.path.relpath(path)
@@ -157,7 +108,7 @@ def _display(url: str) -> str:
 
 
 def _resolve(entry: str, base: Path) -> str:
-    if _is_url(entry) or os.path.isabs(entry):
+    if is_url(entry) or os.path.isabs(entry):
         return entry
     return str((base / entry).resolve())
 
@@ -167,7 +118,7 @@ def _expand_pattern(pattern: str, base: Path) -> list[str]:
     urls = []
     for item in braceexpand.braceexpand(pattern):
         url = _resolve(item, base)
-        if not _is_url(url) and any(c in item for c in "*?["):
+        if not is_url(url) and any(c in item for c in "*?["):
             urls.extend(sorted(glob.glob(url)))  # an empty match is reported by check_shards
         else:
             urls.append(url)
@@ -293,7 +244,7 @@ def _no_shards(split: SplitInfo) -> str:
 
 
 def _shard_problem(shard: ShardInfo, *, sha256: bool) -> str | None:
-    path = _local_path(shard.url)
+    path = local_path(shard.url)
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -333,30 +284,11 @@ class _HashingReader(io.RawIOBase):
 
 def _open_stream(url: str) -> BinaryIO:
     check_url(url)
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None:
         return open(path, "rb")
     from webdataset.gopen import gopen  # curl/pipe handling for remote shards
     return gopen(url, "rb")
-
-
-def _iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group tar members into samples exactly as webdataset does (key = path up to the first dot)."""
-    key, files = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member.name)
-        if not m:
-            continue
-        prefix, ext = m.group(1), m.group(2).lower()
-        if prefix != key:
-            if key is not None:
-                yield key, files
-            key, files = prefix, {}
-        files[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, files
 
 
 def check_sample(files: dict[str, bytes], *, decode: bool = True) -> str | None:
@@ -415,7 +347,7 @@ def verify_shard(shard: ShardInfo, *, decode: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"url": shard.url, "samples": 0, "bytes": None, "sha256": None,
                               "errors": [], "bad_samples": []}
     name = shard.display
-    path = _local_path(shard.url)
+    path = local_path(shard.url)
     if path is not None and not os.path.isfile(path):
         result["errors"].append(f"shard {name}: file is missing")
         return result
@@ -430,7 +362,7 @@ def verify_shard(shard: ShardInfo, *, decode: bool = True) -> dict[str, Any]:
             reader = _HashingReader(raw)
             try:
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
-                    for key, files in _iter_samples(tar):
+                    for key, files in TarSamples(tar):
                         last_key = key
                         result["samples"] += 1
                         reason = check_sample(files, decode=decode)
@@ -496,7 +428,7 @@ def verify(manifest: Manifest, splits: list[str] | None = None, *, decode: bool 
 
 def _relative(url: str, base: Path) -> str:
     """How a shard is written in a manifest: relative to the manifest's folder when inside it."""
-    path = _local_path(url)
+    path = local_path(url)
     if path is None:
         return url
     rel = os.path.relpath(path, base)

@@ -14,17 +14,16 @@ import json
 import math
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from mmstory.config import DataConfig
 from mmstory.data.wordings import Wordings
-
-if TYPE_CHECKING:
-    from mmstory.data.pipeline import DataConfig
+from mmstory.prompts import Prompts
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("flac", "wav")
@@ -174,14 +173,17 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def _strings(value: Any) -> list[str]:
+def strings(value: Any) -> list[str]:
+    """The non-blank strings of a sample json's list field, stripped ([] for anything else)."""
     return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
 
 
-def _qa_items(meta: dict) -> list[dict]:
+def qa_items(meta: dict) -> list[dict]:
+    """A sample json's usable ``qa`` items as ``{"question", "answers", "type"}``: question stripped, answers
+    through ``strings``; items without a question or without an answer are left out."""
     items = meta.get("qa") if isinstance(meta.get("qa"), list) else []
-    return [q for q in items if isinstance(q, dict) and isinstance(q.get("question"), str)
-            and _strings(q.get("answers"))]
+    return [{"question": q["question"].strip(), "answers": strings(q.get("answers")), "type": str(q.get("type", ""))}
+            for q in items if isinstance(q, dict) and isinstance(q.get("question"), str) and strings(q.get("answers"))]
 
 
 def _most_common(answers: list[str]) -> str:
@@ -196,14 +198,14 @@ class SampleDecoder:
          "question": str, "task": str, "prompt": str, "prompt_filled": (str, str), "target": str,
          "references": [str], "meta": dict}
 
-    ``prompt_filled`` is (the prompt text before the filled-in question, the prompt text up to the
-    question's end), both ("", "") for a prompt with nothing filled in ("caption:").
+    ``prompt`` and ``prompt_filled`` come from ``prompts`` (the model's, ``Prompts.fill``).
 
     Raises BadSample(reason, detail) for data it cannot use.
     """
 
-    def __init__(self, cfg: "DataConfig", *, train: bool, mean=DEFAULT_MEAN, std=DEFAULT_STD):
-        self.cfg, self.train = cfg, train
+    def __init__(self, cfg: DataConfig, *, train: bool, prompts: Prompts = Prompts(), mean=DEFAULT_MEAN,
+                 std=DEFAULT_STD):
+        self.cfg, self.train, self.prompts = cfg, train, prompts
         self.image_tf = ImageTransform(size=cfg.image_size, train=train, augment=cfg.augment,
                                        scale=cfg.crop_scale, jitter=cfg.color_jitter, mean=mean, std=std)
         self.audio_len = int(round(cfg.audio_seconds * cfg.sample_rate))
@@ -219,10 +221,10 @@ class SampleDecoder:
                 raise BadSample("bad_json", str(e)) from None
             if not isinstance(meta, dict):
                 raise BadSample("bad_json", "json is not an object")
-        captions = _strings(meta.get("captions"))
+        captions = strings(meta.get("captions"))
         if not captions and "txt" in raw:  # img2dataset: the caption is a .txt file
-            captions = _strings([raw["txt"].decode("utf-8", errors="replace")])
-        captions_zh, qa_items = _strings(meta.get("captions_zh")), _qa_items(meta)
+            captions = strings([raw["txt"].decode("utf-8", errors="replace")])
+        captions_zh, questions = strings(meta.get("captions_zh")), qa_items(meta)
 
         image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         audio_ext = next((e for e in AUDIO_EXTS if e in raw), None)
@@ -245,7 +247,7 @@ class SampleDecoder:
                                                          rng if (train and cfg.augment) else None)
 
         weights = cfg.tasks if image_ext is not None else cfg.audio_tasks
-        has_text = {"caption": bool(captions), "caption_zh": bool(captions_zh), "qa": bool(qa_items)}
+        has_text = {"caption": bool(captions), "caption_zh": bool(captions_zh), "qa": bool(questions)}
         choices = [(t, w) for t, w in weights.items() if w > 0 and has_text[t]]
         if not choices:
             raise BadSample("missing_text", f"no text for any of the tasks {sorted(weights)}")
@@ -254,20 +256,17 @@ class SampleDecoder:
         pick = rng.choice if train else (lambda xs: xs[0])
         question = ""
         if task == "qa":
-            item = pick(qa_items)
-            question, references = item["question"].strip(), _strings(item["answers"])
+            item = pick(questions)
+            question, references = item["question"], item["answers"]
             if self.wordings is not None:
                 question = self.wordings.reword(question, rng, keep=1.0 - cfg.reword_prob)
             target = rng.choice(references) if train else _most_common(references)
         else:
             references = captions if task == "caption" else captions_zh
             target = pick(references)
-        template = cfg.prompts[task]
-        prompt = template.format(question=question)
         # the prompt's part filled in from the sample (the question), as the prompt text up to its end:
         # the caption loss's prompt_weight scores those tokens and never the template's own words
-        before = template.split("{question}")[0]
-        filled = (before.rstrip(), before + question) if "{question}" in template else ("", "")
+        prompt, filled = self.prompts.fill(task, question)
         out.update(caption=pick(captions) if captions else "", question=question, task=task,
                    prompt=prompt, prompt_filled=filled, target=target, references=references)
         return out

@@ -2,8 +2,9 @@
 
 Tar headers normally carry the wall-clock mtime and the writing user, so re-running a build gives
 different bytes and the manifest's sha256 go stale. ``ShardSink`` fixes mtime, uid/gid, user and
-group names and file mode, and writes samples (and each sample's files, sorted by extension) in the
-order given, so the same inputs give byte-identical shards.
+group names and file mode (``TarHeader``), and writes samples (and each sample's files, sorted by
+extension) in the order given, so the same inputs give byte-identical shards. The converters
+(``mmstory data build``) and the emoji builder (tools/build_emoji.py) both write through it.
 
     with ShardSink(out_dir, "train", max_samples=1000) as sink:
         for sample in samples:             # {"__key__": "x", "jpg": b"...", "json": {...}}
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,21 @@ from .manifest import FORMAT_VERSION, ShardInfo, _relative, sha256_file
 
 log = logging.getLogger(__name__)
 
-FIXED_MTIME = 0.0             # 1970-01-01: any constant works; 0 is the obvious one
-TAR_USER = TAR_GROUP = "mmstory"
-TAR_MODE = 0o444
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+
+
+@dataclass(frozen=True)
+class TarHeader:
+    """The header fields every file of a shard gets besides its name and size (uid and gid are 0).
+
+    The type of ``mtime`` shows in the bytes: Python's tarfile keeps a float mtime exactly in a pax record
+    before each file, an int one fits the plain ustar header. The default (0.0, 1970-01-01: any constant
+    works) is what ``mmstory data build`` has always written; the bundled emoji set was written with other
+    values (tools/build_emoji.py), and changing either would change the bytes behind a manifest's sha256."""
+    mtime: int | float = 0.0
+    mode: int = 0o444
+    user: str = "mmstory"
+    group: str = "mmstory"
 
 
 def encode_json(obj: Any) -> bytes:
@@ -44,16 +57,18 @@ def safe_key(name: str) -> str:
 
 class ShardSink:
     """Writes samples into ``{out_dir}/{prefix}-{index:06d}.tar``, starting a new shard every
-    ``max_samples`` samples. After ``close()``, ``shards`` lists a ShardInfo (sha256, bytes, samples)
-    per shard. Files are written under a temporary name and renamed when complete, and stale shards
-    of the same prefix from an earlier, larger run are removed, so the folder matches the manifest."""
+    ``max_samples`` samples, each file with ``header``. After ``close()``, ``shards`` lists a ShardInfo
+    (sha256, bytes, samples) per shard. Files are written under a temporary name and renamed when complete,
+    and stale shards of the same prefix from an earlier, larger run are removed, so the folder matches the
+    manifest."""
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str, *, max_samples: int = 1000):
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, *, max_samples: int = 1000,
+                 header: TarHeader = TarHeader()):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.max_samples = prefix, max_samples
+        self.prefix, self.max_samples, self.header = prefix, max_samples, header
         self.shards: list[ShardInfo] = []
         self._writer: wds.TarWriter | None = None
         self._count = 0
@@ -65,8 +80,8 @@ class ShardSink:
     def _open(self) -> None:
         tmp = str(self._path(len(self.shards))) + ".tmp"
         # encoder=False: we pass bytes ourselves, so nothing is re-encoded behind our back.
-        self._writer = wds.TarWriter(tmp, encoder=False, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE,
-                                     mtime=FIXED_MTIME)
+        h = self.header
+        self._writer = wds.TarWriter(tmp, encoder=False, user=h.user, group=h.group, mode=h.mode, mtime=h.mtime)
         self._count = 0
 
     def _finish(self) -> None:
@@ -125,9 +140,10 @@ class ShardSink:
             Path(str(self._path(len(self.shards))) + ".tmp").unlink(missing_ok=True)
 
 
-def write_shards(samples, out_dir: str | os.PathLike, prefix: str, *, max_samples: int = 1000) -> list[ShardInfo]:
+def write_shards(samples, out_dir: str | os.PathLike, prefix: str, *, max_samples: int = 1000,
+                 header: TarHeader = TarHeader()) -> list[ShardInfo]:
     """Write an iterable of samples to deterministic shards; returns their ShardInfo list."""
-    with ShardSink(out_dir, prefix, max_samples=max_samples) as sink:
+    with ShardSink(out_dir, prefix, max_samples=max_samples, header=header) as sink:
         for sample in samples:
             sink.write(sample)
     return sink.shards

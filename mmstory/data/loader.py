@@ -4,11 +4,11 @@ Stages, all inside each DataLoader worker (the main process only drops empty bat
 
     shard list --shuffle(seed, epoch)--> split by DDP rank, then by worker (whole shards; workers share
       a shard, each taking every k-th sample, when a rank has fewer shards than workers)
-      --> tar reading, grouped by key (raw bytes)
+      --> tar reading, grouped by key (raw bytes)                    shards.iter_tar
       --> sample shuffle buffer (seed, epoch, rank, worker)          [train only]
       --> groups of batch_size raw samples   <- skip_batches drops whole groups here, before decoding
       --> decode + transforms + task choice (transforms.SampleDecoder), per-sample RNG from (seed, epoch, key)
-      --> collate: padding and masks
+      --> collate: padding and masks (the batch format: mmstory/data/collate.py)
 
 Why batches are formed *before* decoding: a bad sample is dropped from its group (the batch comes out
 one smaller) instead of pulling in the next sample, so which samples land in batch ``i`` never
@@ -19,117 +19,42 @@ at batch ``k`` means: each worker skips its share of the first ``k`` batches, an
 rotated so that the one owning batch ``k`` runs first. Exact when per-shard sample counts are known
 (manifest, or counted from local tar headers) and in resampled mode.
 
-Batch format (B samples, L text tokens, S decoder tokens, T audio samples):
-    __key__      list[str]
-    image        float (B, 3, H, W)    normalised; absent when no sample has an image
-    image_mask   bool (B,)             only when some samples of the batch lack an image
-    audio        float (B, T)          absent when no sample has audio
-    audio_mask   bool (B, T)           True = real waveform sample (False = padding / no audio)
-    text_ids     long (B, L)           one caption per sample, text tokenizer, [bos] .. [eos]
-    text_mask    bool (B, L)
-    question_ids, question_mask        (B, L), only with cfg.fuse_question ("" for non-QA samples)
-    tokens       long (B, S)           [bos] prompt " target" [eos], right-padded with pad_id
-    tokens_mask  bool (B, S)
-    target_mask  bool (B, S)           True exactly at the target tokens and the final eos
-    prompt_filled_mask bool (B, S)     True at the prompt tokens filled in from the sample (a QA
-                                       sample's question), not the template's words
-    task, prompt list[str]; references list[list[str]]; meta list[dict]
+Bad data is counted per worker (mmstory/data/stats.py) and never stops a run, unless a whole split gives
+nothing (``EmptySplitError``).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import random
 import shutil
-import tarfile
 import tempfile
 import warnings
 import weakref
-import zlib
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmstory.data.manifest import check_url
+from mmstory.config import DataConfig
+from mmstory.data.collate import collate
+from mmstory.data.shards import Shard, count_samples, iter_tar, resolve_shards
+from mmstory.data.stats import SilentStats, WorkerStats, bad_summary, read_stats, report
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, BadSample, SampleDecoder
 from mmstory.errors import UserError
-from mmstory.tokenizer import Tokenizer, pad_sequences
+from mmstory.prompts import Prompts
+from mmstory.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-TASKS = ("caption", "caption_zh", "qa")
-MAX_WARNINGS_PER_WORKER = 20
 
 
 class EmptySplitError(UserError):
     """A split gave no sample at all (every shard unreadable, missing or empty): a run would otherwise loop
     over empty epochs forever."""
-
-
-@dataclass
-class DataConfig:
-    image_size: int = 64
-    batch_size: int = 64
-    workers: int = 2
-    shuffle_buffer: int = 1000          # raw samples held per worker (train only)
-    resampled: bool = False             # infinite stream: shards drawn with replacement
-    seed: int = 0
-    # sampling weights of the decoder task for a sample with an image / for an audio-only sample;
-    # a sample only gets tasks it has text for
-    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "qa": 1.0})
-    audio_tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
-    prompts: dict[str, str] = field(default_factory=lambda: {
-        "caption": "caption:", "caption_zh": "caption zh:", "qa": "question: {question} answer:"})
-    max_text_len: int = 32              # contrastive caption / fused question, incl. bos and eos
-    max_tokens: int = 48                # decoder sequence, incl. bos and eos
-    audio_seconds: float = 2.0
-    sample_rate: int = 16000
-    augment: bool = True                # random crop + colour jitter (train), random audio crop
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    color_jitter: float = 0.1
-    fuse_question: bool = False         # also emit question_ids/question_mask
-    # other wordings of the dataset's templated questions (mmstory/data/wordings.py), used in training with
-    # probability reword_prob; evaluation asks in the file's held-out wordings too
-    wordings: str | None = None
-    reword_prob: float = 0.75
-    subsample: int = 1                  # keep about 1 in N samples, chosen by key (evaluating a fixed subset)
-    drop_last: bool = False             # drop each worker's last partial batch
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-
-    def __post_init__(self):
-        for name in ("tasks", "audio_tasks"):
-            weights = getattr(self, name)
-            unknown = sorted(set(weights) - set(TASKS))
-            if unknown:
-                raise ValueError(f"data.loader.{name}: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
-            if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-                raise ValueError(f"data.loader.{name}: weights must be >= 0 with at least one > 0, got {weights}")
-            missing = sorted(t for t in weights if t not in self.prompts)
-            if missing:
-                raise ValueError(f"data.loader.prompts has no template for task(s) {missing}")
-        if self.subsample < 1:
-            raise ValueError(f"data.loader.subsample must be >= 1, got {self.subsample}")
-        if not 0.0 <= self.reword_prob <= 1.0:
-            raise ValueError(f"data.loader.reword_prob must be in [0, 1], got {self.reword_prob}")
-        for key, value, low in (("batch_size", self.batch_size, 1), ("workers", self.workers, 0),
-                                ("image_size", self.image_size, 1), ("max_text_len", self.max_text_len, 2),
-                                ("max_tokens", self.max_tokens, 3), ("shuffle_buffer", self.shuffle_buffer, 0),
-                                ("sample_rate", self.sample_rate, 1), ("prefetch_factor", self.prefetch_factor, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"data.loader.{key} must be an integer >= {low}, got {value!r}")
-        if not self.audio_seconds > 0:
-            raise ValueError(f"data.loader.audio_seconds must be > 0, got {self.audio_seconds!r}")
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"data.loader.crop_scale must be [low, high] with 0 < low <= high <= 1, "
-                             f"got {list(self.crop_scale)}")
 
 
 def fit_to_encoders(cfg: DataConfig, encoders: Any) -> tuple[DataConfig, dict]:
@@ -151,65 +76,7 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
-# ---------------------------------------------------------------------------------------------- shards
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    samples: int | None = None
-
-
-def resolve_shards(source: Any) -> list[Shard]:
-    """Accept a manifest ``SplitInfo``, a list of ``ShardInfo``-likes (``.url``, ``.samples``), or a
-    list of URL/path strings (a single string is one shard)."""
-    if hasattr(source, "shards"):
-        source = source.shards
-    if isinstance(source, (str, os.PathLike)):
-        source = [source]
-    shards = []
-    for s in source:
-        if isinstance(s, (str, os.PathLike)):
-            shards.append(Shard(os.fspath(s)))
-        else:
-            shards.append(Shard(s.url, getattr(s, "samples", None)))
-    if not shards:
-        raise ValueError("no shards given")
-    for shard in shards:
-        check_url(shard.url)  # a manifest's pipe: shards never reach a shell without the user's opt-in
-    return shards
-
-
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if (url.startswith("pipe:") or "://" in url) else url
-
-
-def count_samples(url: str) -> int | None:
-    """Number of samples in a local shard from its tar headers (no data read); None if not local."""
-    path = _local_path(url)
-    if path is None or not os.path.isfile(path):
-        return None
-    keys, last = 0, None
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                key = _split_name(member.name)[0] if member.isfile() else None
-                if key is not None and key != last:
-                    keys, last = keys + 1, key
-    except (tarfile.TarError, EOFError, OSError):
-        pass  # a truncated shard: count what is there, as the reader will
-    return keys
-
-
-def _split_name(name: str) -> tuple[str | None, str | None]:
-    """webdataset's key/extension split: key = path up to the first dot of the file name."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot <= slash:
-        return None, None
-    return name[:dot], name[dot + 1:]
-
-
+# ---------------------------------------------------------------------------------------------- who reads what
 def epoch_shards(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: bool, rank: int,
                  world_size: int, worker: int, num_workers: int) -> list[tuple[Shard, int, int]]:
     """What one (rank, worker) reads in epoch mode, as ``(shard, stride, offset)``: samples
@@ -229,141 +96,7 @@ def epoch_shards(shards: Sequence[Shard], *, seed: int, epoch: int, shuffle: boo
     return [(mine[worker % n], len(range(worker % n, num_workers, n)), worker // n)]
 
 
-class _SilentStats:
-    """Shard-level problems (unreadable or truncated tar, samples missing) of a shard that several workers
-    share are reported once, by the worker reading it from offset 0; the others read it with this."""
-
-    def bad(self, *args) -> None:
-        pass
-
-    def add(self, *args) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------- stats
-class WorkerStats:
-    """Counts of bad data for one worker, written to a small JSON file the main process sums: workers
-    are separate processes, and files work with any start method and with persistent workers."""
-
-    def __init__(self, folder: str | None, rank: int, worker: int):
-        self.path = os.path.join(folder, f"rank{rank}-worker{worker}.json") if folder else None
-        self.counts: Counter = Counter()
-        self.warned = 0
-
-    def bad(self, reason: str, shard: str, key: str | None, detail: str) -> None:
-        self.counts[f"bad/{reason}"] += 1
-        if self.warned < MAX_WARNINGS_PER_WORKER:
-            self.warned += 1
-            more = " (further data warnings from this worker are counted but not shown)" \
-                if self.warned == MAX_WARNINGS_PER_WORKER else ""
-            warnings.warn(f"skipping {reason}: shard {shard} key {key}: {detail}{more}", RuntimeWarning,
-                          stacklevel=2)
-        self.flush()
-
-    def add(self, name: str, n: int = 1) -> None:
-        self.counts[name] += n
-
-    def flush(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(self.counts), f)
-        os.replace(tmp, self.path)  # atomic: the main process never reads half a file
-
-
-def read_stats(folder: str) -> Counter:
-    total: Counter = Counter()
-    if folder and os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".json"):
-                with open(os.path.join(folder, name)) as f:
-                    total.update(json.load(f))
-    return total
-
-
-def _bad_summary(stats: Counter) -> str:
-    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
-    return ", ".join(f"{k}={v}" for k, v in bad.items()) or "none counted"
-
-
-def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
-    """Print (and return) one line: samples and batches produced, and bad data skipped per reason."""
-    if not isinstance(stats, Counter):
-        stats = stats.stats
-    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
-    line = (f"data: {stats.get('samples', 0)} samples in {stats.get('batches', 0)} batches; "
-            + (f"skipped {sum(bad.values())} bad: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-               if bad else "no bad data")
-            + (f"; {stats['missing_samples']} samples the manifest counts were not in their shards"
-               if stats.get("missing_samples") else ""))
-    print_fn(line)
-    return line
-
-
-def read_counts(stats: "Counter | dict[str, int]", *, complete: bool) -> dict:
-    """What the loader read: ``samples_read``, ``skipped`` {reason: n} (undecodable samples, unreadable or
-    truncated shards, shards with fewer samples than the manifest says), ``missing_samples`` (how many the
-    manifest counts but the shards did not hold) and whether the whole split was read (``complete``)."""
-    return {"samples_read": int(stats.get("samples", 0)), "complete": complete,
-            "skipped": {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")},
-            "missing_samples": int(stats.get("missing_samples", 0))}
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def iter_tar(url: str, stats: WorkerStats, expected: int | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard. An unreadable or truncated tar
-    ends the shard with a warning; the sample being read when it broke is dropped (it may be partial).
-    ``expected``: the manifest's sample count; a shard that holds fewer is counted (``bad/short_shard``,
-    ``missing_samples``), whether it ended early or was written short."""
-    from webdataset.gopen import gopen
-
-    check_url(url)
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:  # gopen raises OSError/ValueError/IOError depending on the scheme
-        stats.bad("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
-        _count_missing(stats, url, expected, 0, report=False)
-        return
-    current: dict | None = None
-    read = 0
-    try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if key is None:
-                    continue
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    read += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
-        if current is not None:
-            read += 1
-            yield current
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        key = current["__key__"] if current else None
-        stats.bad("truncated_shard", url, key, f"{type(e).__name__}: {e}")
-        _count_missing(stats, url, expected, read, report=False)
-        return
-    _count_missing(stats, url, expected, read, report=True)
-
-
-def _count_missing(stats: WorkerStats, url: str, expected: int | None, read: int, *, report: bool) -> None:
-    """Count the samples a shard lacks against its manifest count (``report``: also as a short shard, when
-    no other problem of the shard was counted)."""
-    if expected is None or read >= expected:
-        return
-    stats.add("missing_samples", expected - read)
-    if report:
-        stats.bad("short_shard", url, None, f"expected {expected} samples (manifest), read {read}")
-
-
+# ---------------------------------------------------------------------------------------------- dataset
 def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """Reservoir-style shuffle: keep ``size`` items, emit a random one as each new item arrives."""
     buf: list = []
@@ -378,79 +111,19 @@ def shuffle_buffer(items: Iterable, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-# ---------------------------------------------------------------------------------------------- collate
-def decoder_sequence(tokenizer: Tokenizer, prompt: str, target: str, max_tokens: int) -> tuple[list[int], int]:
-    """``[bos] + encode(prompt) + encode(" " + target) + [eos]`` cut to ``max_tokens`` (the target is cut
-    first, keeping eos last). Returns the ids and the number of prompt positions (bos included)."""
-    head = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    body = tokenizer.encode(" " + target)
-    head = head[: max(1, max_tokens - 2)]          # keep room for one target token and eos
-    body = body[: max(0, max_tokens - len(head) - 1)]
-    return head + body + [tokenizer.eos_id], len(head)
-
-
-def filled_span(tokenizer: Tokenizer, prompt: str, filled: tuple[str, str]) -> tuple[int, int]:
-    """Token positions [start, end) of the filled-in part of ``prompt`` (see ``SampleDecoder``) within
-    ``[bos] + encode(prompt)``: the tokens of ``filled[1]`` not already in those of ``filled[0]``. Empty
-    when nothing was filled in, or when the tokenizer merges across the boundaries (then it cannot be
-    told apart from the template, and scoring nothing is safer than scoring template words)."""
-    before, upto = filled
-    if not upto:
-        return 0, 0
-    ids, head, full = tokenizer.encode(prompt), tokenizer.encode(before), tokenizer.encode(upto)
-    if ids[:len(full)] != full or full[:len(head)] != head:
-        return 0, 0
-    return 1 + len(head), 1 + len(full)
-
-
-def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Tokenizer | None = None, *,
-            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False) -> dict[str, Any]:
-    """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring)."""
-    text_tokenizer = text_tokenizer or tokenizer
-    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
-    with_image = [("image" in s) for s in samples]
-    if any(with_image):
-        ref = next(s["image"] for s in samples if "image" in s)
-        batch["image"] = torch.stack([s.get("image", torch.zeros_like(ref)) for s in samples])  # (B, 3, H, W)
-        if not all(with_image):
-            batch["image_mask"] = torch.tensor(with_image)  # (B,)
-    if any("audio" in s for s in samples):
-        ref = next(s["audio"] for s in samples if "audio" in s)
-        batch["audio"] = torch.stack([s.get("audio", torch.zeros_like(ref)) for s in samples])  # (B, T)
-        batch["audio_mask"] = torch.stack([s.get("audio_mask", torch.zeros(ref.shape, dtype=torch.bool))
-                                           for s in samples])  # (B, T)
-    batch["text_ids"], batch["text_mask"] = text_tokenizer.batch([s["caption"] for s in samples],
-                                                                 max_len=max_text_len)  # (B, L)
-    if fuse_question:
-        batch["question_ids"], batch["question_mask"] = text_tokenizer.batch(
-            [s.get("question", "") for s in samples], max_len=max_text_len)
-    seqs, heads = zip(*(decoder_sequence(tokenizer, s["prompt"], s["target"], max_tokens) for s in samples))
-    tokens, tokens_mask = pad_sequences(seqs, tokenizer.pad_id)  # (B, S)
-    positions = torch.arange(tokens.shape[1])
-    target_mask = (positions[None, :] >= torch.tensor(heads)[:, None]) & tokens_mask
-    spans = torch.tensor([filled_span(tokenizer, s["prompt"], s.get("prompt_filled", ("", ""))) for s in samples])
-    filled_mask = ((positions[None, :] >= spans[:, :1]) & (positions[None, :] < spans[:, 1:])
-                   & ~target_mask & tokens_mask)  # a prompt cut by max_tokens keeps what is left
-    batch.update(tokens=tokens, tokens_mask=tokens_mask, target_mask=target_mask, prompt_filled_mask=filled_mask,
-                 task=[s["task"] for s in samples], prompt=[s["prompt"] for s in samples],
-                 references=[list(s["references"]) for s in samples], meta=[s["meta"] for s in samples])
-    return batch
-
-
-# ---------------------------------------------------------------------------------------------- dataset
 class ShardStream(IterableDataset):
     """Yields collated batches (or None for a group whose samples were all bad, so every worker's
     i-th yield is its i-th group and the round-robin order DataLoader relies on is kept)."""
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, *, tokenizer: Tokenizer,
                  text_tokenizer: Tokenizer | None, train: bool, rank: int, world_size: int, epoch: int,
-                 mean, std):
+                 prompts: Prompts, mean, std):
         self.shards, self.cfg, self.train = shards, cfg, train
         self.tokenizer, self.text_tokenizer = tokenizer, text_tokenizer or tokenizer
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.name = f"{len(shards)} shard(s) from {shards[0].url}"  # build_loader names the split
         self.verify_command = "mmstory data verify MANIFEST"         # ... and the manifest it came from
-        self.decoder = SampleDecoder(cfg, train=train, mean=mean, std=std)
+        self.decoder = SampleDecoder(cfg, train=train, prompts=prompts, mean=mean, std=std)
         self.skips: list[int] = [0] * max(1, cfg.workers)  # groups each logical worker skips
         self.rotation = 0                                   # DataLoader worker i acts as logical (i + rotation) % W
         self.stats_dir: str | None = None
@@ -462,7 +135,7 @@ class ShardStream(IterableDataset):
             for shard, stride, offset in epoch_shards(
                     self.shards, seed=cfg.seed, epoch=self.epoch, shuffle=self.train, rank=self.rank,
                     world_size=self.world_size, worker=worker, num_workers=num_workers):
-                for i, raw in enumerate(iter_tar(shard.url, stats if offset == 0 else _SilentStats(), shard.samples)):
+                for i, raw in enumerate(iter_tar(shard.url, stats if offset == 0 else SilentStats(), shard.samples)):
                     if i % stride == offset:
                         yield raw, (cfg.seed, self.epoch, raw["__key__"])
             return
@@ -480,7 +153,7 @@ class ShardStream(IterableDataset):
             empty_draws = 0 if got else empty_draws + 1
             if empty_draws > 10 * len(self.shards):
                 raise EmptySplitError(f"{self.name}: {empty_draws} shard draws in a row gave no samples "
-                                      f"(resampled); bad data: {_bad_summary(stats.counts)}")
+                                      f"(resampled); bad data: {bad_summary(stats.counts)}")
 
     def __iter__(self) -> Iterator[dict | None]:
         cfg = self.cfg
@@ -495,7 +168,7 @@ class ShardStream(IterableDataset):
             raws = shuffle_buffer(raws, cfg.shuffle_buffer,
                                   random.Random(stable_seed("buffer", cfg.seed, self.epoch, self.rank, worker)))
         skip = self.skips[worker] if worker < len(self.skips) else 0
-        for index, group in enumerate(_groups(raws, cfg.batch_size, cfg.drop_last)):
+        for index, group in enumerate(_raw_batches(raws, cfg.batch_size, cfg.drop_last)):
             if index < skip:
                 continue  # resume: skipped before any decoding
             samples = []
@@ -513,7 +186,8 @@ class ShardStream(IterableDataset):
         stats.flush()
 
 
-def _groups(items: Iterable, size: int, drop_last: bool) -> Iterator[list]:
+def _raw_batches(items: Iterable, size: int, drop_last: bool) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter unless ``drop_last``): a batch's raw samples."""
     group = []
     for item in items:
         group.append(item)
@@ -653,7 +327,7 @@ class Loader:
     def _empty_message(self) -> str:
         ds = self.dataset
         return (f"{ds.name} ({len(ds.shards)} shard{'s' if len(ds.shards) != 1 else ''}) gave no samples: "
-                f"bad data: {_bad_summary(self.stats)} ({ds.verify_command} says what is wrong with each shard)")
+                f"bad data: {bad_summary(self.stats)} ({ds.verify_command} says what is wrong with each shard)")
 
     @property
     def stats(self) -> Counter:
@@ -666,12 +340,13 @@ class Loader:
 
 def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
                  text_tokenizer: Tokenizer | None = None, train: bool = True, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, skip_batches: int = 0,
+                 world_size: int = 1, epoch: int = 0, skip_batches: int = 0, prompts: Prompts = Prompts(),
                  mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                  name: str | None = None) -> Loader:
     """Batches for one DDP rank. ``shards_or_split``: a manifest ``SplitInfo`` or a list of shard
     URLs/paths. The batch sequence is a pure function of (shards, cfg, train, rank, world_size,
-    epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence.
+    epoch, cfg.workers); ``skip_batches=k`` yields batches k, k+1, ... of that sequence. ``prompts``: the
+    model's (``model.prompts``), which each sample's task prompt is filled from.
 
     ``name`` (default: the split's name) is what errors call the data: a whole pass (or, resampled, many
     shard draws in a row) without a single sample raises ``EmptySplitError`` naming it, instead of training
@@ -680,7 +355,7 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer, train=train,
-                          rank=rank, world_size=world_size, epoch=epoch, mean=mean, std=std)
+                          rank=rank, world_size=world_size, epoch=epoch, prompts=prompts, mean=mean, std=std)
     name = name or getattr(shards_or_split, "name", None)
     if name:
         dataset.name = f"split '{name}'"

@@ -1,8 +1,9 @@
 """Build mmstory's bundled real dataset: emoji images, captions, QA and spoken labels.
 
-Usage (prerequisites: ``bash mmstory/data/build_emoji_prereqs.sh``)::
+Usage, from the repository root in the project's environment (mmstory installed, as ``make env`` does;
+prerequisites: ``bash tools/build_emoji_prereqs.sh``)::
 
-    PYTHONPATH=. python -m mmstory.data.build_emoji --out data_manifests/emoji
+    python tools/build_emoji.py --out data_manifests/emoji
 
 What it makes (all under ``--out``, plus ``<out>.json`` beside it):
 
@@ -13,7 +14,7 @@ What it makes (all under ``--out``, plus ``<out>.json`` beside it):
 * ``tokenizer.json``: byte-level BPE trained on the train split's text.
 * ``README.md``: the dataset card.
 
-Sources (see /work/shared/DATA.md and the dataset card for licences):
+Sources (see ../shared/DATA.md beside the repository and the dataset card for licences):
 
 * Noto Color Emoji, rendered from the Debian font ``fonts-noto-color-emoji``.
 * Twemoji PNGs from npm ``emoji-datasource-twitter@16.0.0`` (CC BY 4.0).
@@ -25,12 +26,15 @@ fixed seed, tar members get fixed mtime/uid/gid/names, sox runs without dither
 (``-D``), flac runs with fixed settings, and the tokenizer is trained single-threaded
 on text in a fixed order. Re-running reproduces every file byte for byte (on the same
 versions of the Debian packages and Python libraries).
+
+The shards are written by mmstory's shard writer (``mmstory.data.writer``, which ``mmstory data
+build`` uses too) and the tokenizer is trained by ``mmstory.tokenizer.train_bpe``; this script adds
+only what is particular to the emoji set.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -43,6 +47,9 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from mmstory.data.writer import TarHeader, write_shards
+from mmstory.tokenizer import BPETokenizer, train_bpe
 
 # Pinned npm sources: name -> version. Pinning keeps the annotations and the Twemoji art
 # fixed, so the committed manifest's checksums stay valid.
@@ -67,9 +74,7 @@ STYLES = ("noto", "twemoji")
 SEED = 20240917
 VAL_FRACTION = 0.08  # each of val_style and val_novel
 SHARD_SIZE = 1000
-TAR_MTIME = 946684800  # 2000-01-01, fixed so tars are byte-identical between builds
 TOKENIZER_VOCAB = 6000
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 SPLITS = ("train", "val_style", "val_novel")
 
 # Readable CLDR group names (emojibase's meta/groups.json has slugs such as "food-drink").
@@ -439,51 +444,49 @@ def speak_flac(text: str, tmp: Path) -> bytes:
 
 # ----------------------------------------------------------------------------- writing
 
-def write_shards(out: Path, prefix: str, samples):
-    """Write webdataset tars ``{prefix}-{NNNNNN}.tar`` of SHARD_SIZE samples; return shard info.
+# The tar headers the committed shards were written with: their sha256 in the manifest depend on them. The
+# mtime is an int on purpose (2000-01-01): a float one would add a pax record before every file
+# (mmstory.data.writer.TarHeader). webdataset's writer makes PAX-format tars where the first builds made
+# USTAR ones; for names of ASCII characters under 100 bytes, which every key here gives, the bytes are the same.
+EMOJI_TAR = TarHeader(mtime=946684800, mode=0o644, user="root", group="root")
 
-    ``samples`` is a sorted list of (key, {ext: bytes}). Members get fixed metadata so the
-    bytes depend only on content.
-    """
-    shards = []
-    for n, start in enumerate(range(0, len(samples), SHARD_SIZE)):
-        chunk = samples[start:start + SHARD_SIZE]
-        path = out / f"{prefix}-{n:06d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, fields in chunk:
-                for ext in sorted(fields):
-                    data = fields[ext]
-                    ti = tarfile.TarInfo(f"{key}.{ext}")
-                    ti.size = len(data)
-                    ti.mtime = TAR_MTIME
-                    ti.mode = 0o644
-                    ti.uid = ti.gid = 0
-                    ti.uname = ti.gname = "root"
-                    tf.addfile(ti, io.BytesIO(data))
-        data = path.read_bytes()
-        shards.append({"path": f"{out.name}/{path.name}", "samples": len(chunk),
-                       "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    return shards
+
+def write_split(out: Path, prefix: str, samples) -> list[dict]:
+    """Write ``samples``, a list of (key, {ext: bytes}) sorted by key, as ``{prefix}-{NNNNNN}.tar`` shards of
+    SHARD_SIZE samples with mmstory's shard writer; return the manifest's entries for them.
+
+    The writer puts each sample's files in extension order with fixed headers (``EMOJI_TAR``), so the bytes
+    depend only on the content."""
+    shards = write_shards(({"__key__": key, **fields} for key, fields in samples), out, prefix,
+                          max_samples=SHARD_SIZE, header=EMOJI_TAR)
+    return [{"path": f"{out.name}/{Path(s.url).name}", "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+            for s in shards]
 
 
 def dump_json(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def train_tokenizer(texts, path: Path):
-    """Byte-level BPE on ``texts`` (fixed order); specials <pad> <bos> <eos> <unk> = ids 0-3."""
+def tokenizer_texts(train_meta: list[dict]) -> list[str]:
+    """What the tokenizer is trained on, in this order: the fixed QA templates (so every template word is
+    known), then each train concept's captions, Chinese captions, questions and answers."""
+    texts = [QUESTION_WHAT, QUESTION_CATEGORY, "yes", "no"] + [c[1] for c in YESNO_CATEGORIES]
+    texts += [f"is this in the {g} category?" for g in sorted(GROUP_NAMES.values())]
+    texts += sorted(GROUP_NAMES.values())
+    for meta in train_meta:
+        texts += meta["captions"] + meta["captions_zh"]
+        for qa in meta["qa"]:
+            texts.append(qa["question"])
+            texts += qa["answers"]
+    return texts
+
+
+def train_tokenizer(texts: list[str], path: Path) -> BPETokenizer:
+    """Byte-level BPE on ``texts`` (fixed order), trained as mmstory trains one (``train_bpe``): specials
+    <pad> <bos> <eos> <unk> = ids 0-3."""
     os.environ["RAYON_NUM_THREADS"] = "1"  # single-threaded: no scheduling-dependent order
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, min_frequency=1,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(str(path))
-    return tok
+    return train_bpe(texts, TOKENIZER_VOCAB, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -493,9 +496,9 @@ def build(out: Path, cache: Path, limit: int | None = None, log=print) -> dict:
     t0 = time.time()
     for tool in ("espeak-ng", "sox", "flac", "npm"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"missing {tool}: run mmstory/data/build_emoji_prereqs.sh")
+            raise SystemExit(f"missing {tool}: run tools/build_emoji_prereqs.sh")
     if not Path(NOTO_FONT).exists():
-        raise SystemExit(f"missing {NOTO_FONT}: run mmstory/data/build_emoji_prereqs.sh")
+        raise SystemExit(f"missing {NOTO_FONT}: run tools/build_emoji_prereqs.sh")
     pkgs = fetch_npm(cache)
     en, zh_by_id, groups, subgroups = load_annotations(pkgs["emojibase-data"])
     twemoji = twemoji_index(pkgs["emoji-datasource-twitter"])
@@ -516,7 +519,7 @@ def build(out: Path, cache: Path, limit: int | None = None, log=print) -> dict:
     images = defaultdict(list)  # split -> [(key, fields)]
     audio = defaultdict(list)
     stats_groups = defaultdict(Counter)
-    tok_texts = []
+    train_meta = []  # each train concept's json, in concept order: the tokenizer's text
     from PIL import Image
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -552,27 +555,20 @@ def build(out: Path, cache: Path, limit: int | None = None, log=print) -> dict:
                 images[target].append((f"{style}_{cid}", {"png": pngs[style], "json": dump_json(m)}))
             audio[s].append((cid, {"flac": speak_flac(label, tmp), "json": dump_json(meta)}))
             if s == "train":
-                tok_texts.extend(meta["captions"] + meta["captions_zh"])
-                for qa in meta["qa"]:
-                    tok_texts.append(qa["question"])
-                    tok_texts.extend(qa["answers"])
+                train_meta.append(meta)
             if (i + 1) % 200 == 0:
                 log(f"  {i + 1}/{len(kept)} concepts ({time.time() - t0:.0f}s)")
 
     manifest_splits = {}
     for s in SPLITS:
         samples = sorted(images[s], key=lambda kv: kv[0])
-        manifest_splits[s] = {"samples": len(samples), "shards": write_shards(out, s, samples)}
+        manifest_splits[s] = {"samples": len(samples), "shards": write_split(out, s, samples)}
     for s in SPLITS:
         samples = sorted(audio[s], key=lambda kv: kv[0])
         manifest_splits[f"audio_{s}"] = {"samples": len(samples),
-                                         "shards": write_shards(out, f"audio-{s}", samples)}
+                                         "shards": write_split(out, f"audio-{s}", samples)}
 
-    # Tokenizer: train-split text plus the fixed templates (so every template word is known).
-    templates = [QUESTION_WHAT, QUESTION_CATEGORY, "yes", "no"] + [c[1] for c in YESNO_CATEGORIES]
-    templates += [f"is this in the {g} category?" for g in sorted(GROUP_NAMES.values())]
-    templates += sorted(GROUP_NAMES.values())
-    tok = train_tokenizer(templates + tok_texts, out / "tokenizer.json")
+    tok = train_tokenizer(tokenizer_texts(train_meta), out / "tokenizer.json")
 
     yes = sum(1 for s in images for _, f in images[s]
               for q in json.loads(f["json"])["qa"] if q["type"] == "yesno" and q["answers"] == ["yes"])
@@ -586,7 +582,7 @@ def build(out: Path, cache: Path, limit: int | None = None, log=print) -> dict:
         "images_per_split": {s: manifest_splits[s]["samples"] for s in SPLITS},
         "excluded": dict(sorted(excluded.items())),
         "yesno_yes_fraction": round(yes / max(1, nyn), 4),
-        "tokenizer_vocab_size": tok.get_vocab_size(),
+        "tokenizer_vocab_size": tok.vocab_size,
         "total_bytes": sum(sh["bytes"] for v in manifest_splits.values() for sh in v["shards"]),
     }
     manifest = build_manifest(out, manifest_splits, stats)
@@ -610,7 +606,7 @@ def build_manifest(out: Path, splits, stats) -> dict:
                         "CLDR annotations, and the English label spoken by espeak-ng. Split by "
                         "concept: train, val_style (concepts seen in train in the other style), "
                         "val_novel (concepts never in train)."),
-        "build": f"bash mmstory/data/build_emoji_prereqs.sh && PYTHONPATH=. python -m mmstory.data.build_emoji --out data_manifests/{out.name}",
+        "build": f"bash tools/build_emoji_prereqs.sh && python tools/build_emoji.py --out data_manifests/{out.name}",
         "tokenizer": f"{out.name}/tokenizer.json",
         "card": f"{out.name}/README.md",
         "fields": {
@@ -658,7 +654,7 @@ def dataset_card(m: dict) -> str:
 
 {m['description']}
 
-Built by `mmstory/data/build_emoji.py`; described by `../{m['name']}.json` (shard list with
+Built by `tools/build_emoji.py`; described by `../{m['name']}.json` (shard list with
 sample counts, sizes and sha256, field sources and licences, statistics).
 
 ## Sources and licences
@@ -694,6 +690,13 @@ Yes/no questions come in pairs: each "yes" (a category or group the concept belo
 "no" about a category/group it does not belong to, asked only where "no" is unambiguous
 (e.g. "is this a face?" is never answered "no" for people or animals); yes fraction
 {st['yesno_yes_fraction']}.
+
+Every question of a type uses one template ("what is shown?", "which category is this?", "is this in the
+X category?"). `wordings.yaml` (not part of the shards) lists, per template, everyday wordings to train with
+("what's this?", "what type of emoji is this?") and others held out from training ("what's in this
+picture?"), which evaluation asks as well (VQA "held-out wordings" in every report): the main job trains
+with `data.loader.wordings` pointing at it. Written by hand for this set; edit it freely (a held-out wording
+must not also be a training one; the loader checks).
 
 ## Splits (by concept; no image is in two splits)
 | split | concepts | images | audio clips |

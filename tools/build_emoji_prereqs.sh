@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what mmstory/data/build_emoji.py needs to rebuild data_manifests/emoji.
+# Install what tools/build_emoji.py needs to rebuild data_manifests/emoji.
 # Debian tools: the Noto Color Emoji font (image style "noto"), espeak-ng (speech),
 # sox + libsox-fmt-all (resampling to 16 kHz mono) and flac (encoding).
 # npm sources (pinned so the committed checksums stay reproducible) are packed into a cache
