@@ -33,7 +33,7 @@ import sys
 import yaml
 from safetensors import SafetensorError
 
-from mmstory.compress.cli import add_compress_commands
+from mmstory.compress_cli import add_compress_commands
 from mmstory.data.cli import add_data_commands
 from mmstory.data.manifest import ManifestError
 from mmstory.encoders.base import PretrainedLoadError
@@ -45,7 +45,7 @@ from mmstory.train import add_train_commands
 
 def components() -> dict[str, dict[str, dict]]:
     """{kind: {name: {"class": ..., "module": ..., "args": {arg: default}}}} for every registry."""
-    from mmstory.encoders import ENCODERS
+    from mmstory.encoders import ENCODERS, Encoder
     from mmstory.fusion import FUSIONS
     from mmstory.losses import LOSSES
     from mmstory.tokenizer import TOKENIZERS
@@ -59,7 +59,7 @@ def components() -> dict[str, dict[str, dict]]:
             args = {p: (None if v.default is inspect.Parameter.empty else v.default)
                     for p, v in params.items() if p not in ("self", "base_dir")}
             entry = {"class": cls.__name__, "module": cls.__module__, "args": json.loads(json.dumps(args, default=str))}
-            if hasattr(cls, "modality"):
+            if issubclass(cls, Encoder):
                 entry["modality"] = cls.modality
             out[kind][name] = entry
     return out

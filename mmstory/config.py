@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from mmstory.errors import UserError
+from mmstory.prompts import TASKS, Prompts
 
 
 class ConfigError(UserError):
@@ -169,6 +170,8 @@ class ModelConfig:
     # data.loader.fuse_question, so a saved model answers the way it was trained)
     fuse_question: bool = False
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # the decoder's task prompts (mmstory/prompts.py), saved with the model: inference asks as training taught
+    prompts: Prompts = field(default_factory=Prompts)
     # set by `mmstory compress quantize` (mmstory/compress/quantize.py): "int8" -- the linear layers hold int8
     # weights; `load` rebuilds them as Int8Linear before reading the file. quantize_skip: modules left in float.
     quantize: str | None = None
@@ -181,6 +184,218 @@ class ModelConfig:
         if self.retrieval.k and self.retrieval.layers:
             _divides("retrieval.heads", self.retrieval.heads, "the model's dim", self.dim)
         check_components(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data and training (the keys of an experiment file besides ``model``)
+
+
+@dataclass
+class DataConfig:
+    """``data.loader``: how samples become batches (the task prompts are the model's: ``model.prompts``)."""
+    image_size: int = 64
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 1000          # raw samples held per worker (train only)
+    resampled: bool = False             # infinite stream: shards drawn with replacement
+    seed: int = 0
+    # sampling weights of the decoder task for a sample with an image / for an audio-only sample;
+    # a sample only gets tasks it has text for
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "qa": 1.0})
+    audio_tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    max_text_len: int = 32              # contrastive caption / fused question, incl. bos and eos
+    max_tokens: int = 48                # decoder sequence, incl. bos and eos
+    audio_seconds: float = 2.0
+    sample_rate: int = 16000
+    augment: bool = True                # random crop + colour jitter (train), random audio crop
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    color_jitter: float = 0.1
+    fuse_question: bool = False         # also emit question_ids/question_mask
+    # other wordings of the dataset's templated questions (mmstory/data/wordings.py), used in training with
+    # probability reword_prob; evaluation asks in the file's held-out wordings too
+    wordings: str | None = None
+    reword_prob: float = 0.75
+    subsample: int = 1                  # keep about 1 in N samples, chosen by key (evaluating a fixed subset)
+    drop_last: bool = False             # drop each worker's last partial batch
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+
+    def __post_init__(self):
+        for name in ("tasks", "audio_tasks"):
+            weights = getattr(self, name)
+            unknown = sorted(set(weights) - set(TASKS))
+            if unknown:
+                raise ValueError(f"data.loader.{name}: unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+            if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+                raise ValueError(f"data.loader.{name}: weights must be >= 0 with at least one > 0, got {weights}")
+        if self.subsample < 1:
+            raise ValueError(f"data.loader.subsample must be >= 1, got {self.subsample}")
+        if not 0.0 <= self.reword_prob <= 1.0:
+            raise ValueError(f"data.loader.reword_prob must be in [0, 1], got {self.reword_prob}")
+        for key, value, low in (("batch_size", self.batch_size, 1), ("workers", self.workers, 0),
+                                ("image_size", self.image_size, 1), ("max_text_len", self.max_text_len, 2),
+                                ("max_tokens", self.max_tokens, 3), ("shuffle_buffer", self.shuffle_buffer, 0),
+                                ("sample_rate", self.sample_rate, 1), ("prefetch_factor", self.prefetch_factor, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"data.loader.{key} must be an integer >= {low}, got {value!r}")
+        if not self.audio_seconds > 0:
+            raise ValueError(f"data.loader.audio_seconds must be > 0, got {self.audio_seconds!r}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.loader.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                             f"got {list(self.crop_scale)}")
+
+
+
+PRUNE_KINDS = ("none", "unstructured", "structured")  # mmstory/compress/prune.py
+
+
+@dataclass
+class DataSpec:
+    manifest: str = "data_manifests/emoji.json"
+    train: dict[str, str] = field(default_factory=lambda: {"image": "train", "audio": "audio_train"})
+    # epoch mode: how the sources interleave (each epoch uses every batch of each); resampled: their shares
+    weights: dict[str, float] = field(default_factory=lambda: {"image": 3.0, "audio": 1.0})
+    val: list[str] = field(default_factory=lambda: ["val_style", "val_novel", "audio_val_novel"])
+    loader: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        _require(bool(self.train), "train", self.train, "at least one source: {name: split}")
+        for name, w in self.weights.items():
+            _require(_is_number(w) and w > 0, f"weights.{name}", w, "> 0")
+        extra = sorted(set(self.weights) - set(self.train))
+        _require(not extra, "weights", self.weights, f"weights of the sources in data.train {sorted(self.train)} "
+                 f"(no source {extra[0] if extra else ''!r})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05   # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0       # 0 disables
+    accum_steps: int = 1
+    # learning-rate multipliers by module path, e.g. {encoders.text: 0.1} to tune a pretrained tower gently
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "> 0")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "two numbers in [0, 1)")
+        _require(_is_number(self.eps) and self.eps > 0, "eps", self.eps, "> 0")
+        _count("warmup_steps", self.warmup_steps)
+        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio,
+                 "a number in [0, 1]")
+        _require(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: off)")
+        _positive_int("accum_steps", self.accum_steps)
+        for path, mult in self.lr_mult.items():
+            _require(_is_number(mult) and mult >= 0, f"lr_mult.{path}", mult, ">= 0")
+
+
+@dataclass
+class ReportConfig:
+    max_samples: int = 256       # per validation split, for the final evaluation
+    batch_size: int = 32         # evaluation batches (the "media shuffled" diagnostics pair samples within one)
+    num_beams: int = 3           # captions
+    qa_beams: int = 1            # answers: a few tokens each, asked three times (as is, media shuffled, reworded)
+    max_new_tokens: int = 20
+    tasks: list[str] = field(default_factory=lambda: ["caption", "qa", "retrieval", "zeroshot"])
+    # fit: greedy captions of a fixed sample of this many training images (of fit_split, default the first
+    # training split), scored at every validation and in the report; 0 turns it off
+    fit_samples: int = 256
+    fit_split: str | None = None
+    # nearest-neighbour baselines from this split (default: fit_split) beside every image metric
+    reference_split: str | None = None
+
+    def __post_init__(self):
+        for key in ("max_samples", "batch_size", "num_beams", "qa_beams", "max_new_tokens"):
+            _positive_int(key, getattr(self, key))
+        _count("fit_samples", self.fit_samples)
+        unknown = sorted(set(self.tasks) - {"caption", "qa", "retrieval", "zeroshot"})
+        _require(not unknown, "tasks", self.tasks, "a list of caption, qa, retrieval, zeroshot")
+
+
+@dataclass
+class PruneSpec:
+    """Prune the ``init_from`` model before training it further (mmstory/compress/prune.py): ``unstructured``
+    zeroes the fraction ``amount`` of the linear weights with the smallest magnitude (sparsity, no CPU speed-up);
+    ``structured`` removes that fraction of every MLP's hidden channels (smaller matrices: faster)."""
+    kind: str = "none"
+    amount: float = 0.5
+
+    def __post_init__(self):
+        _require(self.kind in PRUNE_KINDS, "prune.kind", self.kind, f"one of {', '.join(PRUNE_KINDS)}")
+        _require(_is_number(self.amount) and 0 < self.amount < 1, "prune.amount", self.amount, "a fraction in (0, 1)")
+
+
+@dataclass
+class DistillSpec:
+    """Train this (smaller) model from a trained teacher as well as from the data (mmstory/compress/distill.py):
+    the teacher's softened next-token distribution at every scored position (``weight``) and its image-text /
+    audio-text similarities (``embed_weight``) join the model's own losses."""
+    teacher: str | None = None   # a saved model folder (e.g. runs/emoji_tiny/model); None: no distillation
+    temperature: float = 2.0
+    weight: float = 1.0
+    embed_weight: float = 1.0
+
+    def __post_init__(self):
+        _require(_is_number(self.temperature) and self.temperature > 0, "distill.temperature", self.temperature, "> 0")
+        for key in ("weight", "embed_weight"):
+            _require(_is_number(getattr(self, key)) and getattr(self, key) >= 0, f"distill.{key}",
+                     getattr(self, key), ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    out_dir: str = "runs/{name}"
+    seed: int = 0
+    steps: int = 1000
+    max_minutes: float = 0.0     # > 0: a budget: fewer steps planned at the end of warmup if `steps` would
+                                 # not fit at the measured rate; a guard stops (and evaluates) at the budget
+    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler) | auto (bf16 where native)
+    device: str = "auto"         # auto | cpu | cuda
+    threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
+    compile: bool = False
+    grad_checkpointing: bool = False
+    # submodules trained no further (e.g. [encoders.image]: a pretrained tower locked as in LiT); kept in eval mode
+    freeze: list[str] = field(default_factory=list)
+    # a frozen encoder whose inputs do not change between epochs (data.loader.augment: false) runs once per
+    # training sample; its outputs are reused (mmstory/feature_cache.py)
+    cache_frozen: bool = True
+    distributed: str = "ddp"     # ddp | fsdp, used under torchrun
+    log_every: int = 10
+    eval_every: int = 0          # 0: only at the end
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2
+    final_eval: bool = True
+    init_from: str | None = None  # a model folder (e.g. another run's checkpoint) to start from
+    prune: PruneSpec = field(default_factory=PruneSpec)  # prune the init_from model, then fine-tune it
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        choices = {"precision": ("fp32", "bf16", "fp16", "auto"), "device": ("auto", "cpu", "cuda"),
+                   "distributed": ("ddp", "fsdp")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"config key '{key}': {getattr(self, key)!r} is not one of {valid}")
+        for key in ("steps", "log_every", "eval_batches", "ckpt_every", "keep_last"):
+            _positive_int(key, getattr(self, key))
+        for key in ("eval_every", "threads", "seed"):
+            _count(key, getattr(self, key))
+        _require(_is_number(self.max_minutes) and self.max_minutes >= 0, "max_minutes", self.max_minutes,
+                 ">= 0 (0: no budget)")
+        _require(self.prune.kind == "none" or self.init_from, "init_from", self.init_from,
+                 "a model folder to prune (prune.kind is set)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,11 +520,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+MOVED_KEYS = {"data.loader.prompts": "model.prompts"}  # keys of older configs, and where they live now
+
+
 def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; keys not given keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
+    if f"{prefix}{unknown[0] if unknown else ''}" in MOVED_KEYS:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"config key '{key}' is now '{MOVED_KEYS[key]}'")
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}

@@ -155,7 +155,7 @@ def _reference(args: argparse.Namespace, model, data) -> object | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmstory.data.pipeline import DataConfig
+    from mmstory.config import DataConfig
     from mmstory.data.wordings import Wordings
     from mmstory.evaluate import comparison_table, evaluate, summary, write_report
     from mmstory.generation import DecodeOptions
@@ -186,6 +186,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inference
 def cmd_caption(args: argparse.Namespace) -> int:
+    from mmstory.inference import caption
+
     model = _load(args.checkpoint, args.device)
     opts = dict(_decode_options(args), batch_size=args.batch_size, prompt=args.prompt)
     media, failed = _read_all(model, args.inputs)
@@ -194,7 +196,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         files = [f for f, (m, _) in media.items() if m == modality]
         if files:
             items = [media[f][1] for f in files]
-            out = model.caption(items, **opts) if modality == "image" else model.caption(None, audio=items, **opts)
+            out = caption(model, items, **opts) if modality == "image" else caption(model, None, audio=items, **opts)
             captions.update(zip(files, out))
     for f in args.inputs:
         if f in captions:
@@ -205,22 +207,22 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _check_question(model, question: str) -> None:
     """The QA prompt with ``question`` leaves the decoder room for an answer (else a UserError saying so,
     rather than a message quoting the whole question)."""
-    from mmstory.inference import QA_PROMPT
-
-    tokens = 1 + len(model.tokenizer.encode(QA_PROMPT.format(question=question)))  # + bos
+    tokens = 1 + len(model.tokenizer.encode(model.prompts.question(question)))  # + bos
     if tokens >= model.decoder.max_len:
         raise UserError(f"the question is too long: with its prompt it takes {tokens} tokens, and this model's "
                         f"decoder holds {model.decoder.max_len} (prompt and answer together)")
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from mmstory.inference import answer
+
     question = args.question.strip()
     if not question:
         raise UserError("the question is empty")
     model = _load(args.checkpoint, args.device)
     _check_question(model, question)
     modality, item = _read_media(model, args.input)
-    print(model.answer(question=args.question, **{modality: item}, **_decode_options(args)))
+    print(answer(model, question=args.question, **{modality: item}, **_decode_options(args)))
     return 0
 
 
@@ -239,6 +241,8 @@ def _read_texts(path: str) -> list[str]:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from mmstory.inference import retrieve
+
     if args.query is not None and not args.query.strip():
         raise UserError("the query is empty")
     model = _load(args.checkpoint, args.device)
@@ -264,7 +268,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         expected = "image" if args.query_image else "audio"
         if query_modality != expected:
             raise UserError(f"--query-{expected}: {args.query_image or args.query_audio} is not a {expected} file")
-    matches = model.retrieve(query, items, args.k, query_modality=query_modality,
+    matches = retrieve(model, query, items, args.k, query_modality=query_modality,
                              gallery_modality=gallery_modality, batch_size=args.batch_size)
     for n, m in enumerate(matches, 1):
         print(f"{n}\t{m.score:.4f}\t{gallery[m.index]}")
@@ -299,7 +303,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption image (or audio) files")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image or audio files (audio by extension)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", default="caption:", help="decoder prompt (default: caption:)")
+    p.add_argument("--prompt", default=None, help="decoder prompt (default: the caption prompt the model was "
+                                                  "trained with, e.g. caption:)")
     _decode_args(p)
     p.set_defaults(func=cmd_caption)
 

@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nearest, nn_answers,
                                nn_captions, nn_classes, nn_text_scores, pixel_features)
 from mmstory.data.manifest import check_shards
-from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders, read_counts, stable_seed
-from mmstory.data.pipeline import report as report_line
+from mmstory.config import DataConfig
+from mmstory.data.loader import build_loader, fit_to_encoders, stable_seed
+from mmstory.data.stats import read_counts, report as report_line
 from mmstory.data.wordings import Wordings
-from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD
+from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, qa_items, strings
 from mmstory.generation import DecodeOptions
 from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, fuses_question, generate_text,
                                require_encoder, take_rows)
@@ -52,32 +53,22 @@ from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy, zero
 if TYPE_CHECKING:
     from mmstory.model import MultimodalModel
 
-TASKS = ("caption", "qa", "retrieval", "zeroshot")
+EVAL_TASKS = ("caption", "qa", "retrieval", "zeroshot")
 
 
 # ---------------------------------------------------------------------------------------------- data
-def eval_data_config(model: "MultimodalModel", data: DataConfig | None, batch_size: int) -> DataConfig:
-    """The data config for evaluation: the training one (prompts, audio_seconds) with no augmentation,
+def eval_data_config(model: "MultimodalModel", data: DataConfig | None, batch_size: int | None) -> DataConfig:
+    """The data config for evaluation: the training one (audio_seconds, wordings) with no augmentation,
     audio no longer than the audio encoder takes, and every sample kept whatever text it has (the image
     size, normalisation and sample rate then come from ``fit_to_encoders``)."""
     cfg = data or DataConfig()
-    changes: dict[str, Any] = dict(batch_size=batch_size, augment=False, resampled=False,
+    changes: dict[str, Any] = dict(batch_size=batch_size or cfg.batch_size, augment=False, resampled=False,
                                    tasks={"caption": 1.0, "qa": 1.0}, audio_tasks={"caption": 1.0, "qa": 1.0})
     if "audio" in model.encoders:
-        max_seconds = getattr(model.encoders["audio"], "max_seconds", None)
+        max_seconds = model.encoders["audio"].max_seconds
         if max_seconds is not None and cfg.audio_seconds > max_seconds:
             changes["audio_seconds"] = max_seconds
     return dataclasses.replace(cfg, **changes)
-
-
-def _strings(value: Any) -> list[str]:
-    return [v.strip() for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
-
-
-def _qa_items(meta: dict) -> list[dict]:
-    items = meta.get("qa") if isinstance(meta.get("qa"), list) else []
-    return [{"question": q["question"].strip(), "answers": _strings(q.get("answers")), "type": str(q.get("type", ""))}
-            for q in items if isinstance(q, dict) and isinstance(q.get("question"), str) and _strings(q.get("answers"))]
 
 
 def _label(meta: dict) -> str | None:
@@ -148,9 +139,10 @@ def _caption_loss(model, batch: dict, rows: list[int], media: dict[str, torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[str] = TASKS,
+def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[str] = EVAL_TASKS,
              max_samples: int | None = None, decode: DecodeOptions = DecodeOptions(max_new_tokens=20),
-             batch_size: int = 32, data: DataConfig | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
+             batch_size: int | None = None, data: DataConfig | None = None,
+             templates: Sequence[str] = DEFAULT_TEMPLATES,
              fuse_question: bool | None = None, meteor: bool | None = None, keep_images: int = 16,
              device: str | torch.device | None = None, progress: bool = True, name: str | None = None,
              reference: Reference | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
@@ -163,8 +155,9 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         tasks: any of ``caption``, ``qa``, ``retrieval``, ``zeroshot``.
         max_samples: stop after this many samples (the first ones of the split, in shard order).
         decode: decoding for captions (and answers, unless ``qa_decode`` is given). data: the training
-            ``DataConfig`` (its prompts and audio_seconds are used; image size, sample rate and augmentation are
-            set for eval).
+            ``DataConfig`` (its audio_seconds and wordings are used; image size, sample rate and augmentation are
+            set for eval; the prompts are the model's own). batch_size: default ``data.batch_size``; a value
+            given here is the one used (batches also pair the "media shuffled" diagnostics).
         fuse_question: also give questions to the fusion; None = as the model was trained (its config).
         meteor: compute METEOR (needs Java); None = when Java is available.
         keep_images: how many sample images to keep (uint8 thumbnails) for ``write_report``.
@@ -187,9 +180,9 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     ``metrics``."""
     if fuse_question is None:
         fuse_question = fuses_question(model)
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(EVAL_TASKS))
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown evaluation task(s) {unknown}; valid tasks: {', '.join(EVAL_TASKS)}")
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     if device is not None:
@@ -200,16 +193,17 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     cfg = dataclasses.replace(cfg, subsample=every)
+    batch_size = cfg.batch_size
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          train=False, mean=mean, std=std)
+                          prompts=model.prompts, train=False, mean=mean, std=std)
     options = dataclasses.asdict(decode)
     qa_options = dataclasses.asdict(qa_decode or decode)
-    caption_prompt, qa_prompt = cfg.prompts["caption"], cfg.prompts["qa"]
+    prompts = model.prompts
     need_embeds = "retrieval" in tasks or "zeroshot" in tasks or reference is not None
 
     def answers(inputs: dict, questions: list[str]) -> list[str]:
-        return generate_text(model, inputs, [qa_prompt.format(question=q) for q in questions], batch_size=batch_size,
+        return generate_text(model, inputs, [prompts.question(q) for q in questions], batch_size=batch_size,
                              fuse_question=questions if fuse_question else None, **qa_options)
 
     try:
@@ -248,7 +242,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
             recs = []
             for j, i in enumerate(rows):
                 meta = batch["meta"][i]
-                refs = _strings(meta.get("captions"))
+                refs = strings(meta.get("captions"))
                 if not refs and batch["task"][i] == "caption":  # e.g. img2dataset's .txt caption
                     refs = list(batch["references"][i])
                 key = batch["__key__"][i]
@@ -258,7 +252,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                 else:
                     seen_keys[key] = 0
                 recs.append({"key": key, "modality": modality, "references": refs, "caption": None,
-                             "qa": _qa_items(meta), "label": _label(meta), "zeroshot": None})
+                             "qa": qa_items(meta), "label": _label(meta), "zeroshot": None})
                 if modality == "image" and len(images) < keep_images and (len(records) + j) % spread == 0:
                     images[key] = _thumbnail(inputs["image"][j], mean, std)
             if need_embeds:
@@ -275,7 +269,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                         # leave-one-out excludes the entry of the image being captioned (row perm[j]'s when shuffled)
                         skip = [batch["__key__"][rows[j if owner is None else owner[j]]] for j in with_refs] \
                             if leave_one_out else None
-                        for j, p in zip(with_refs, generate_text(model, sub, [caption_prompt] * len(with_refs),
+                        for j, p in zip(with_refs, generate_text(model, sub, [prompts.caption] * len(with_refs),
                                                                   batch_size=batch_size, exclude=skip, **options)):
                             recs[j][field] = p
             if "qa" in tasks:
@@ -461,7 +455,8 @@ def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: La
 
 def split_labels(split_or_urls: Any) -> set[str]:
     """Every ``labels.label`` of a split, read from its samples' json without decoding any media."""
-    from mmstory.data.pipeline import WorkerStats, iter_tar, resolve_shards
+    from mmstory.data.shards import iter_tar, resolve_shards
+    from mmstory.data.stats import WorkerStats
 
     out = set()
     for shard in resolve_shards(split_or_urls):
@@ -478,7 +473,7 @@ def split_labels(split_or_urls: Any) -> set[str]:
 
 @torch.no_grad()
 def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataConfig | None = None,
-                   batch_size: int = 64, progress: bool = True, name: str | None = None) -> Reference:
+                   batch_size: int | None = None, progress: bool = True, name: str | None = None) -> Reference:
     """One pass over a (training) split with the evaluation transforms: each image sample's pixel-baseline
     features and model image embedding, captions, label and QA, for the nearest-neighbour baselines."""
     was_training = model.training
@@ -486,7 +481,7 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          train=False, mean=mean, std=std)
+                          prompts=model.prompts, train=False, mean=mean, std=std)
     try:
         total = len(loader)
     except TypeError:
@@ -505,9 +500,9 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
                                              .float().cpu())
             for i in rows:
                 meta = batch["meta"][i]
-                captions.append(_strings(meta.get("captions")) or list(batch["references"][i]))
+                captions.append(strings(meta.get("captions")) or list(batch["references"][i]))
                 labels.append(_label(meta))
-                qa.append(_qa_items(meta))
+                qa.append(qa_items(meta))
     if was_training:
         model.train()
     if not captions:

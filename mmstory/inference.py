@@ -1,13 +1,16 @@
 """Inference on raw inputs: captions, answers, embeddings, retrieval and zero-shot classification.
 
-Used through thin methods on the model::
+Functions of a model, also exported as ``mmstory.caption`` etc.::
 
-    model = mmstory.load("runs/emoji/final")
-    model.caption(["cat.png", pil_image], num_beams=3)             # -> ["a cat face", ...]
-    model.answer(image="cat.png", question="what is shown?")       # -> "cat face"
-    model.answer(audio="cat.flac", question="what is said?")
-    model.retrieve("a red heart", gallery=["a.png", "b.png"], k=1)  # -> [Match(index, score, item)]
-    model.zero_shot_classify(images, ["cat", "dog"])               # -> Classification
+    model = mmstory.load("runs/emoji/model")
+    mmstory.caption(model, ["cat.png", pil_image], num_beams=3)             # -> ["a cat face", ...]
+    mmstory.answer(model, image="cat.png", question="what is shown?")       # -> "cat face"
+    mmstory.answer(model, audio="cat.flac", question="what is said?")
+    mmstory.retrieve(model, "a red heart", gallery=["a.png", "b.png"], k=1)  # -> [Match(index, score, item)]
+    mmstory.zero_shot_classify(model, images, ["cat", "dog"])               # -> Classification
+
+The model itself works on tensors and knows nothing of files; this module sits above it (and above the data
+transforms it shares with training). Prompts are the model's own (``model.prompts``, saved with it).
 
 Inputs, and what is done to them (the same eval transforms as ``mmstory.data``, so inference equals
 evaluation):
@@ -37,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmstory.data.pipeline import DataConfig
 from mmstory.data.transforms import (AUDIO_EXTS, IMAGE_EXTS, ImageTransform, crop_audio, decode_audio, decode_image,
                                      to_rgb)
 from mmstory.generation import DecodeOptions
@@ -49,9 +51,6 @@ if TYPE_CHECKING:
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
-# the prompts the data pipeline trains with, so inference asks the way training taught
-CAPTION_PROMPT = DataConfig().prompts["caption"]
-QA_PROMPT = DataConfig().prompts["qa"]
 DEFAULT_TEMPLATES = ("an emoji of a {}.", "{}")
 
 
@@ -202,7 +201,7 @@ def prepare_audio(model: "MultimodalModel", audio: AudioInput | Sequence[AudioIn
     require_encoder(model, "audio")
     enc = model.encoders["audio"]
     rate = enc.preprocess["sample_rate"]
-    seconds = audio_seconds or getattr(enc, "max_seconds", None)
+    seconds = audio_seconds or enc.max_seconds
     waves = [load_waveform(a, rate, sample_rate) for a in _audio_list(audio)]
     if not waves:
         raise ValueError("no audio given")
@@ -319,7 +318,7 @@ def generate_text(model: "MultimodalModel", inputs: dict[str, torch.Tensor], pro
     for s in _chunks(n, batch_size):
         chunk = take_rows(inputs, s)
         if fuse_question is not None:
-            max_len = getattr(model.encoders["text"], "max_len", None)
+            max_len = model.encoders["text"].max_len
             chunk["question_ids"], chunk["question_mask"] = model.text_tokenizer.batch(list(fuse_question[s]),
                                                                                        max_len=max_len)
         out += [t.strip() for t in model.generate(chunk, list(prompts[s]), exclude=None if exclude is None else
@@ -356,12 +355,14 @@ def _room_for_prompts(model: "MultimodalModel", prompts: Sequence[str], max_new_
 
 
 def caption(model: "MultimodalModel", images: ImageInput | Sequence[ImageInput] | None = None, *,
-            prompt: str = CAPTION_PROMPT, audio: AudioInput | Sequence[AudioInput] | None = None,
+            prompt: str | None = None, audio: AudioInput | Sequence[AudioInput] | None = None,
             sample_rate: int | None = None, audio_seconds: float | None = None, batch_size: int = 32,
             device: str | torch.device | None = None, **decode) -> list[str]:
-    """One caption per image (or audio clip, or image+audio pair). ``decode``: ``DecodeOptions`` fields."""
+    """One caption per image (or audio clip, or image+audio pair). ``prompt``: default the caption prompt the
+    model was trained with (``model.prompts.caption``). ``decode``: ``DecodeOptions`` fields."""
     _on_device(model, device)
     inputs, n = _media_inputs(model, images, audio, sample_rate=sample_rate, audio_seconds=audio_seconds)
+    prompt = model.prompts.caption if prompt is None else prompt
     return generate_text(model, inputs, [prompt] * n, batch_size=batch_size, **decode)
 
 
@@ -373,9 +374,9 @@ def fuses_question(model) -> bool:
 def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=None, audio=None,
            sample_rate: int | None = None, audio_seconds: float | None = None, fuse_question: bool | None = None,
            batch_size: int = 32, device: str | torch.device | None = None, **decode) -> str | list[str]:
-    """Answer ``question`` about an image, an audio clip, or both, with the prompt
-    ``question: {q} answer:``. One question for one input returns a str; otherwise a list, with a single
-    question or a single input broadcast over the other. ``fuse_question`` (default: as the model was
+    """Answer ``question`` about an image, an audio clip, or both, with the model's QA prompt
+    (``model.prompts.qa``, by default ``question: {question} answer:``). One question for one input returns a
+    str; otherwise a list, with a single question or a single input broadcast over the other. ``fuse_question`` (default: as the model was
     trained) also gives the question to the fusion."""
     if fuse_question is None:
         fuse_question = fuses_question(model)
@@ -392,7 +393,7 @@ def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=Non
         questions = questions * n
     elif len(questions) != n:
         raise ValueError(f"{len(questions)} questions for {n} inputs")
-    out = generate_text(model, inputs, [QA_PROMPT.format(question=q.strip()) for q in questions],
+    out = generate_text(model, inputs, [model.prompts.question(q.strip()) for q in questions],
                         batch_size=batch_size, fuse_question=questions if fuse_question else None, **decode)
     return out[0] if isinstance(question, str) and n == 1 else out
 

@@ -8,6 +8,9 @@ Batch keys (bool masks, True = real):
 
 The fusion sees image, audio and question tokens, never ``text``: that is the caption the decoder must
 predict, and letting the decoder read it would teach it to copy.
+
+The model works on tensors. Raw inputs (paths, PIL images, arrays, waveforms) go through
+``mmstory.inference``: ``mmstory.caption(model, images)``, ``mmstory.answer(model, image=..., question=...)``.
 """
 from __future__ import annotations
 
@@ -20,15 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from mmstory import inference
 from mmstory.config import Component, ConfigError, ModelConfig, from_dict, load_yaml, to_dict
 from mmstory.decoder import TextDecoder
-from mmstory.encoders import ENCODERS, EncoderOutput
+from mmstory.encoders import ENCODERS, Encoder, EncoderOutput
 from mmstory.errors import UserError, is_disk_full
 from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
-from mmstory.losses.captioning import prompt_mask
+from mmstory.prompts import Prompts, scored_positions
 from mmstory.retrieval import RetrievalMemory
 from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
 
@@ -43,11 +45,14 @@ FUSED = ("image", "audio", "question")
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, *, encoders: dict[str, nn.Module], fusion: nn.Module, decoder: TextDecoder,
+    def __init__(self, *, encoders: dict[str, Encoder], fusion: nn.Module, decoder: TextDecoder,
                  losses: dict[str, tuple[nn.Module, float]], tokenizer: Tokenizer, dim: int, embed_dim: int,
                  config: ModelConfig | None = None):
         super().__init__()
         for name, enc in encoders.items():
+            if not isinstance(enc, Encoder):
+                raise TypeError(f"encoder for '{name}' is a {type(enc).__name__}, not an mmstory.encoders.Encoder "
+                                f"(the interface the model, trainer and loader use)")
             if name not in ("image", "text", "audio") or enc.modality != name:
                 raise ValueError(f"encoder for '{name}' reads '{enc.modality}' inputs; encoders must be keyed "
                                  f"by the modality they read (image, text, audio)")
@@ -67,8 +72,11 @@ class MultimodalModel(nn.Module):
         self.loss_weights = {n: w for n, (_, w) in losses.items()}
         self.prompt_scored = any(getattr(loss, "prompt_weight", 0) > 0 for loss, _ in losses.values())
         self.tokenizer = tokenizer
-        self.text_tokenizer = getattr(encoders.get("text"), "tokenizer", tokenizer)
+        own = encoders["text"].tokenizer if "text" in encoders else None  # a text encoder may bring its own
+        self.text_tokenizer = tokenizer if own is None else own
         self.config = config
+        # the decoder's task prompts, saved in the config: inference asks the way training taught
+        self.prompts = config.prompts if config is not None else Prompts()
         self.frozen: list[str] = []  # submodule names set by ``freeze`` (a training choice, not saved)
 
     # ---------------------------------------------------------------- freezing
@@ -151,11 +159,9 @@ class MultimodalModel(nn.Module):
         if "tokens" in batch:
             fused = self.fuse(feats, exclude=self._exclude(batch), images=batch.get("image"))
             if "target_mask" in batch and not (full_logits or torch.compiler.is_compiling()):
-                scored = batch["target_mask"][:, 1:]  # position t predicts token t + 1
+                scored, is_prompt = scored_positions(batch, with_prompt=self.prompt_scored)  # (B, S - 1)
                 if self.prompt_scored:  # a loss also scores the prompt tokens
-                    prompt = prompt_mask(batch)[:, 1:]
-                    scored = scored | prompt
-                    out["target_is_prompt"] = prompt[scored]
+                    out["target_is_prompt"] = is_prompt[scored]
                 out["target_logits"] = self.decoder(batch["tokens"], fused["tokens"], fused["mask"],
                                                     select=F.pad(scored, (0, 1), value=False),
                                                     copy_ids=fused.get("copy_ids"))
@@ -196,7 +202,7 @@ class MultimodalModel(nn.Module):
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """Texts -> normalised embeddings (N, E), tokenised with the text encoder's tokenizer."""
-        max_len = getattr(self.encoders["text"], "max_len", None)
+        max_len = self.encoders["text"].max_len
         ids, mask = self.text_tokenizer.batch(texts, max_len=max_len)
         feats = {"text": self.encoders["text"](ids.to(self.device), mask.to(self.device))}
         return self.embed(feats)["text"]
@@ -207,14 +213,16 @@ class MultimodalModel(nn.Module):
         return self.embed(self.encode(inputs))
 
     @torch.no_grad()
-    def generate(self, inputs: dict, prompts: str | list[str] = "caption:", *, exclude: list[str] | None = None,
+    def generate(self, inputs: dict, prompts: str | list[str] | None = None, *, exclude: list[str] | None = None,
                  **options) -> list[str]:
-        """Decode text for any mix of fused inputs (image, audio, question_ids) with a prompt per row.
+        """Decode text for any mix of fused inputs (image, audio, question_ids) with a prompt per row (default:
+        the caption prompt the model was trained with, ``self.prompts.caption``).
         ``options`` are ``DecodeOptions`` fields (max_new_tokens, num_beams, do_sample, top_k, ...);
         ``exclude``: per row, a datastore entry (sample key) retrieval may not return (leave-one-out)."""
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         fused = self.fuse(self.encode(inputs), exclude=exclude, images=inputs.get("image"))
         B = fused["tokens"].shape[0]
+        prompts = self.prompts.caption if prompts is None else prompts
         prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
         if len(prompts) != B:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {B}")
@@ -224,37 +232,6 @@ class MultimodalModel(nn.Module):
                        eos_id=tok.eos_id, pad_id=tok.pad_id, opts=DecodeOptions(**options),
                        copy_ids=fused.get("copy_ids"))
         return [tok.decode(row) for row in out]
-
-    # Raw-input API (PIL images, paths, arrays, waveforms); the logic lives in mmstory/inference.py.
-    def caption(self, images, prompt: str = "caption:", **options) -> list[str]:
-        """Images (PIL / paths / uint8 arrays, or a float (B, 3, H, W) tensor already normalised for the
-        image encoder) -> one caption each. ``options``: DecodeOptions fields, ``batch_size``, ``device``,
-        ``audio=`` (caption audio clips instead, with images=None)."""
-        return inference.caption(self, images, prompt=prompt, **options)
-
-    def answer(self, *, question, image=None, audio=None, **options):
-        """Answer a question (str -> str, list -> list) about an image, an audio clip, or both."""
-        return inference.answer(self, question=question, image=image, audio=audio, **options)
-
-    def embed_images(self, images, **options) -> torch.Tensor:
-        """Raw images -> normalised embeddings (N, E) on the CPU."""
-        return inference.embed_images(self, images, **options)
-
-    def embed_audio(self, audio, **options) -> torch.Tensor:
-        """Audio files / waveforms -> normalised embeddings (N, E) on the CPU."""
-        return inference.embed_audio(self, audio, **options)
-
-    def embed_texts(self, texts, **options) -> torch.Tensor:
-        """Texts -> normalised embeddings (N, E) on the CPU, batched."""
-        return inference.embed_texts(self, texts, **options)
-
-    def retrieve(self, query, gallery, k: int = 5, **options):
-        """Top-``k`` gallery items for a query (text <-> image / audio), as ``inference.Match`` lists."""
-        return inference.retrieve(self, query, gallery, k, **options)
-
-    def zero_shot_classify(self, inputs, class_names, templates=inference.DEFAULT_TEMPLATES, **options):
-        """CLIP-style zero-shot classification of images or audio over ``class_names``."""
-        return inference.zero_shot_classify(self, inputs, class_names, templates, **options)
 
     # ---------------------------------------------------------------- save / load
     def save(self, folder: str | os.PathLike) -> None:
@@ -268,8 +245,7 @@ class MultimodalModel(nn.Module):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             cfg = dataclasses.replace(self.config) if self.config else ModelConfig()
-            cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder)
-                                         if hasattr(enc, "checkpoint_args") else dict(cfg.encoders[m].args))
+            cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder))
                             for m, enc in self.encoders.items()}
             dec = self.decoder.args
             cfg.decoder = dataclasses.replace(cfg.decoder, dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],

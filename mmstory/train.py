@@ -3,6 +3,10 @@
 config -> data (mixed image/audio webdataset streams) -> model -> weighted losses -> AdamW (warmup +
 cosine) -> checkpoints (atomic, last N + best, exact resume) -> final evaluation and report.
 
+``_train`` is ``setup`` (a ``Run``: model, optimizer, schedule, data, resumed where the last checkpoint left
+off), ``train_loop`` (``train_step``, ``follow_budget``, ``log_step``, ``validate``, ``save``) and ``finish``;
+the learning-rate schedule and the time budget are objects of their own (mmstory/schedule.py).
+
 Runs the same under ``torchrun --nproc_per_node=N``: DDP by default (``distributed: fsdp`` shards with
 FSDP2); the contrastive loss gathers features, so it sees the global batch.
 """
@@ -18,8 +22,8 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,161 +34,15 @@ from tqdm import tqdm
 from mmstory.checkpoints import (RunFolderError, RunLock, guard_run_folder, load_latest, prune_checkpoints, recover,
                                  save_checkpoint, truncate_log)
 from mmstory.compress.distill import Distiller
-from mmstory.compress.prune import KINDS as PRUNE_KINDS, prune, save_masks
-from mmstory.config import (ConfigError, ModelConfig, _count, _is_number, _positive_int, _require, load_config,
-                            to_dict)
+from mmstory.compress.prune import prune, save_masks
+from mmstory.config import ConfigError, TrainConfig, load_config, to_dict
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
-from mmstory.data.pipeline import DataConfig, build_mixed_loader, fit_to_encoders, read_counts
+from mmstory.data.loader import build_mixed_loader, fit_to_encoders
+from mmstory.data.stats import read_counts
+from mmstory.datastore import build_datastore
 from mmstory.feature_cache import FeatureCache
-from mmstory.model import MultimodalModel, build_model
-from mmstory.retrieval import build_datastore
-
-
-@dataclass
-class DataSpec:
-    manifest: str = "data_manifests/emoji.json"
-    train: dict[str, str] = field(default_factory=lambda: {"image": "train", "audio": "audio_train"})
-    # epoch mode: how the sources interleave (each epoch uses every batch of each); resampled: their shares
-    weights: dict[str, float] = field(default_factory=lambda: {"image": 3.0, "audio": 1.0})
-    val: list[str] = field(default_factory=lambda: ["val_style", "val_novel", "audio_val_novel"])
-    loader: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self):
-        _require(bool(self.train), "train", self.train, "at least one source: {name: split}")
-        for name, w in self.weights.items():
-            _require(_is_number(w) and w > 0, f"weights.{name}", w, "> 0")
-        extra = sorted(set(self.weights) - set(self.train))
-        _require(not extra, "weights", self.weights, f"weights of the sources in data.train {sorted(self.train)} "
-                 f"(no source {extra[0] if extra else ''!r})")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05   # cosine decays to lr * min_lr_ratio at the last step
-    grad_clip: float = 1.0       # 0 disables
-    accum_steps: int = 1
-    # learning-rate multipliers by module path, e.g. {encoders.text: 0.1} to tune a pretrained tower gently
-    lr_mult: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "> 0")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
-                 "two numbers in [0, 1)")
-        _require(_is_number(self.eps) and self.eps > 0, "eps", self.eps, "> 0")
-        _count("warmup_steps", self.warmup_steps)
-        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio,
-                 "a number in [0, 1]")
-        _require(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0: off)")
-        _positive_int("accum_steps", self.accum_steps)
-        for path, mult in self.lr_mult.items():
-            _require(_is_number(mult) and mult >= 0, f"lr_mult.{path}", mult, ">= 0")
-
-
-@dataclass
-class ReportConfig:
-    max_samples: int = 256       # per validation split, for the final evaluation
-    num_beams: int = 3           # captions
-    qa_beams: int = 1            # answers: a few tokens each, asked three times (as is, media shuffled, reworded)
-    max_new_tokens: int = 20
-    tasks: list[str] = field(default_factory=lambda: ["caption", "qa", "retrieval", "zeroshot"])
-    # fit: greedy captions of a fixed sample of this many training images (of fit_split, default the first
-    # training split), scored at every validation and in the report; 0 turns it off
-    fit_samples: int = 256
-    fit_split: str | None = None
-    # nearest-neighbour baselines from this split (default: fit_split) beside every image metric
-    reference_split: str | None = None
-
-    def __post_init__(self):
-        for key in ("max_samples", "num_beams", "qa_beams", "max_new_tokens"):
-            _positive_int(key, getattr(self, key))
-        _count("fit_samples", self.fit_samples)
-        unknown = sorted(set(self.tasks) - {"caption", "qa", "retrieval", "zeroshot"})
-        _require(not unknown, "tasks", self.tasks, "a list of caption, qa, retrieval, zeroshot")
-
-
-@dataclass
-class PruneSpec:
-    """Prune the ``init_from`` model before training it further (mmstory/compress/prune.py): ``unstructured``
-    zeroes the fraction ``amount`` of the linear weights with the smallest magnitude (sparsity, no CPU speed-up);
-    ``structured`` removes that fraction of every MLP's hidden channels (smaller matrices: faster)."""
-    kind: str = "none"
-    amount: float = 0.5
-
-    def __post_init__(self):
-        _require(self.kind in PRUNE_KINDS, "prune.kind", self.kind, f"one of {', '.join(PRUNE_KINDS)}")
-        _require(_is_number(self.amount) and 0 < self.amount < 1, "prune.amount", self.amount, "a fraction in (0, 1)")
-
-
-@dataclass
-class DistillSpec:
-    """Train this (smaller) model from a trained teacher as well as from the data (mmstory/compress/distill.py):
-    the teacher's softened next-token distribution at every scored position (``weight``) and its image-text /
-    audio-text similarities (``embed_weight``) join the model's own losses."""
-    teacher: str | None = None   # a saved model folder (e.g. runs/emoji_tiny/model); None: no distillation
-    temperature: float = 2.0
-    weight: float = 1.0
-    embed_weight: float = 1.0
-
-    def __post_init__(self):
-        _require(_is_number(self.temperature) and self.temperature > 0, "distill.temperature", self.temperature, "> 0")
-        for key in ("weight", "embed_weight"):
-            _require(_is_number(getattr(self, key)) and getattr(self, key) >= 0, f"distill.{key}",
-                     getattr(self, key), ">= 0")
-
-
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    out_dir: str = "runs/{name}"
-    seed: int = 0
-    steps: int = 1000
-    max_minutes: float = 0.0     # > 0: a budget: fewer steps planned at the end of warmup if `steps` would
-                                 # not fit at the measured rate; a guard stops (and evaluates) at the budget
-    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler) | auto (bf16 where native)
-    device: str = "auto"         # auto | cpu | cuda
-    threads: int = 0             # torch intra-op threads on CPU (0: torch's default)
-    compile: bool = False
-    grad_checkpointing: bool = False
-    # submodules trained no further (e.g. [encoders.image]: a pretrained tower locked as in LiT); kept in eval mode
-    freeze: list[str] = field(default_factory=list)
-    # a frozen encoder whose inputs do not change between epochs (data.loader.augment: false) runs once per
-    # training sample; its outputs are reused (mmstory/feature_cache.py)
-    cache_frozen: bool = True
-    distributed: str = "ddp"     # ddp | fsdp, used under torchrun
-    log_every: int = 10
-    eval_every: int = 0          # 0: only at the end
-    eval_batches: int = 4
-    ckpt_every: int = 100
-    keep_last: int = 2
-    final_eval: bool = True
-    init_from: str | None = None  # a model folder (e.g. another run's checkpoint) to start from
-    prune: PruneSpec = field(default_factory=PruneSpec)  # prune the init_from model, then fine-tune it
-    distill: DistillSpec = field(default_factory=DistillSpec)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataSpec = field(default_factory=DataSpec)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-
-    def __post_init__(self):
-        choices = {"precision": ("fp32", "bf16", "fp16", "auto"), "device": ("auto", "cpu", "cuda"),
-                   "distributed": ("ddp", "fsdp")}
-        for key, valid in choices.items():
-            if getattr(self, key) not in valid:
-                raise ConfigError(f"config key '{key}': {getattr(self, key)!r} is not one of {valid}")
-        for key in ("steps", "log_every", "eval_batches", "ckpt_every", "keep_last"):
-            _positive_int(key, getattr(self, key))
-        for key in ("eval_every", "threads", "seed"):
-            _count(key, getattr(self, key))
-        _require(_is_number(self.max_minutes) and self.max_minutes >= 0, "max_minutes", self.max_minutes,
-                 ">= 0 (0: no budget)")
-        _require(self.prune.kind == "none" or self.init_from, "init_from", self.init_from,
-                 "a model folder to prune (prune.kind is set)")
+from mmstory.model import MultimodalModel, build_model, load
+from mmstory.schedule import Budget, Schedule
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -288,43 +146,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
     return out
 
 
-def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None, total: int | None = None) -> float:
-    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step (``total``, default
-    ``cfg.steps``). ``progress`` (0..1) replaces the step-based position on the cosine, e.g. the elapsed
-    fraction of a wall-clock budget."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if progress is None:
-        progress = cosine_position(step, cfg, total or cfg.steps, [])
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def cosine_position(step: int, cfg: TrainConfig, total: int, replans: list) -> float:
-    """Where ``step`` is on the cosine: 0 at the end of warmup, 1 at the last step ``total``. A run with a
-    time budget re-plans its last step as it measures its rate; ``replans`` holds the (step, position) of
-    each change, from which the position runs on linearly to 1 at the new ``total``. So the learning rate
-    stays continuous (and keeps falling) when the plan changes, instead of jumping to where a cosine over
-    the new total would be. Without re-plans this is (step - warmup) / (total - warmup)."""
-    s0, p0 = replans[-1] if replans else (cfg.optim.warmup_steps, 0.0)
-    return p0 + (1 - p0) * (step - s0) / max(1, total - s0)
-
-
-def plan_at_step(cfg: TrainConfig) -> int:
-    """The step at which a run with a time budget checks that its steps fit: the end of warmup (the learning
-    rate until then does not depend on the number of steps), but at least 10 steps in."""
-    return max(10, cfg.optim.warmup_steps)
-
-
-def steps_that_fit(cfg: TrainConfig, step: int, elapsed_s: float, seconds_per_step: float,
-                   margin: float = 0.9) -> int:
-    """How many steps the run can plan for (between ``step`` and ``cfg.steps``) so that, at the measured
-    rate, training ends inside ``max_minutes``; ``margin`` of the remaining time is kept for steps, the rest
-    for validation and checkpoints."""
-    left = 60 * cfg.max_minutes - elapsed_s
-    return max(step, min(cfg.steps, step + int(margin * left / max(seconds_per_step, 1e-9))))
-
-
 def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, str], weights: dict[str, float],
                train: bool, rank: int = 0, world: int = 1, epoch: int = 0, skip_batches: int = 0):
     """A mixed loader over the named manifest splits; image size/normalisation and audio rate follow the
@@ -335,7 +156,8 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     sources = {name: manifest.split(split) for name, split in splits.items()}
     return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
                               skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
-                              text_tokenizer=model.text_tokenizer, train=train, rank=rank, world_size=world, **kwargs)
+                              text_tokenizer=model.text_tokenizer, prompts=model.prompts, train=train, rank=rank,
+                              world_size=world, **kwargs)
 
 
 def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch.device) -> MultimodalModel:
@@ -457,7 +279,158 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
 
 def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
+    """Set the run up in ``out_dir``, train it, then save the model and write the report."""
+    run = setup(cfg, out_dir, resume=resume)
+    train_loop(run)
+    finish(run)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- the run's state
+class BatchStream:
+    """The endless stream of training batches, one pass over the data after another; ``epoch`` and
+    ``batch_in_epoch`` say where it is, so a resume continues exactly."""
+
+    def __init__(self, cfg: TrainConfig, model: MultimodalModel, *, rank: int, world: int, epoch: int = 0,
+                 batch_in_epoch: int = 0, verbose: bool = False):
+        self.cfg, self.model, self.rank, self.world, self.verbose = cfg, model, rank, world, verbose
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.read: Counter = Counter()  # this process's data counts of the finished passes
+        self.loader = None  # the pass in progress
+        self._batches = self._passes()
+
+    def _passes(self):
+        while True:
+            self.loader = build_data(self.cfg, self.model, splits=self.cfg.data.train, weights=self.cfg.data.weights,
+                                     train=True, rank=self.rank, world=self.world, epoch=self.epoch,
+                                     skip_batches=self.batch_in_epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                yield batch
+            loader, self.loader = self.loader, None
+            self.read.update(loader.stats)
+            if self.verbose and loader.stats:
+                loader.report(print_fn=lambda s: tqdm.write(f"epoch {self.epoch} data: {s}"))
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def counts(self) -> dict:
+        """Training samples read and skipped (with reasons) since this process started."""
+        return read_counts(self.read + (self.loader.stats if self.loader is not None else Counter()), complete=True)
+
+    def close(self) -> None:
+        """Shut the loader workers down now, not at some later garbage collection."""
+        self._batches.close()
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop reads and advances; ``setup`` builds it."""
+    cfg: TrainConfig
+    out_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    core: MultimodalModel  # the plain module: saved, evaluated, read by the data pipeline and the feature cache
+    model: torch.nn.Module  # what a step runs: ``core``, or ``core`` wrapped by DDP and/or torch.compile
+    fsdp: bool  # FSDP2 shards ``core`` in place
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    schedule: Schedule
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # reads ``schedule.factor``; the optimizer state keeps the base lrs
+    autocast: Callable
+    masks: Any  # pruning masks, applied again after every step; None when not pruning
+    distiller: Distiller | None
+    cache: FeatureCache | None
+    stream: BatchStream
+    writer: Any  # tensorboard's SummaryWriter on rank 0, else None
+    fit_labels: set[str]  # the fit split's labels, for the fit metrics at each validation (report.fit_samples)
+    step: int = 0
+    best: float = math.inf  # the lowest mean validation loss so far
+    last_ckpt: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def agree(self, value: float, op: str) -> float:
+        """The ``min`` or ``max`` of ``value`` over the ranks, so that every rank decides alike (``Budget``)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return t.item()
+
+
+# ---------------------------------------------------------------------------------------------- setting a run up
+def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
+    """Everything before the first step: the process, the run folder, the model (frozen, pruned, distilled,
+    its frozen features cached), optimizer and schedule, a resume, the retrieval datastore, the wrapping for
+    several processes, data and logs. The order is the one runs were made in: with the same seed a run
+    draws the same random numbers."""
     cfg.model.fuse_question = cfg.data.loader.fuse_question  # saved with the model: inference answers the same way
+    rank, world, device = setup_process(cfg)
+    is_main = rank == 0
+    ckpt_dir = out_dir / "checkpoints"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for line in recover(ckpt_dir):
+            print(f"checkpoints: {line}")
+    if world > 1:
+        dist.barrier()  # the other ranks read the checkpoints rank 0 may just have repaired
+
+    log = print if is_main else (lambda *_: None)  # messages from rank 0 only
+    seed_everything(cfg.seed)
+    model, masks, distiller, cache = build_trainee(cfg, device, log=log, verbose=is_main)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_mult), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=device.type in ("cuda", "cpu"))  # CPU: 21 vs 72 ms a step (main job)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    # cfg.steps, or fewer if max_minutes is set and the measured rate shows they would not fit (Budget)
+    schedule = Schedule(cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, total=cfg.steps)
+    last, position = restore(cfg, out_dir, model, optimizer, scaler, schedule, resume=resume, device=device,
+                             is_main=is_main)
+    if is_main:  # after restore's checks: a refused resume leaves the run's config as it was
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+    if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
+        n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
+                            autocast=autocast_for(cfg.precision, device.type), progress=is_main)
+        log(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
+    wrapped, fsdp = wrap(model, cfg, world, resumed=last is not None)
+    # the LambdaLR multiplies each param group's own base lr (optim.lr_mult) by the schedule's factor
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor, last_epoch=position["step"] - 1)
+
+    writer, fit_labels = None, set()
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if cfg.report.fit_samples:
+            from mmstory.evaluate import split_labels
+
+            fit_labels = split_labels(load_manifest(cfg.data.manifest).split(fit_split(cfg)))
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    stream = BatchStream(cfg, model, rank=rank, world=world, epoch=position["epoch"],
+                         batch_in_epoch=position["batch_in_epoch"], verbose=is_main)
+    return Run(cfg, out_dir, rank, world, device, core=model, model=wrapped, fsdp=fsdp, optimizer=optimizer,
+               scaler=scaler, schedule=schedule, scheduler=scheduler, autocast=autocast_for(cfg.precision, device.type),
+               masks=masks, distiller=distiller, cache=cache, stream=stream, writer=writer, fit_labels=fit_labels,
+               step=position["step"], best=position["best"], last_ckpt=str(last) if last else "none")
+
+
+def setup_process(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """This process's rank, the number of processes and the device; threads, denormals and ``precision:
+    auto`` (resolved in ``cfg``: the saved config records what ran)."""
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     if world > 1 and not cfg.data.loader.resampled:
@@ -474,78 +447,74 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
             print("warning: precision bf16 on a CPU without AVX512-BF16/AMX: autocast emulates bf16 there and can "
                   "be many times slower than fp32 (try --precision=fp32, or auto)")
     if cfg.precision == "auto":
-        cfg.precision = resolve_precision("auto", device)  # the saved config records what ran
+        cfg.precision = resolve_precision("auto", device)
         if is_main:
             print(f"precision auto -> {cfg.precision} on {device.type}")
-    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
-    if is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for line in recover(ckpt_dir):
-            print(f"checkpoints: {line}")
-    if world > 1:
-        dist.barrier()  # the other ranks read the checkpoints rank 0 may just have repaired
+    return rank, world, device
 
-    log = print if is_main else (lambda *_: None)  # messages from rank 0 only
-    seed_everything(cfg.seed)
+
+def build_trainee(cfg: TrainConfig, device: torch.device, *, log=print, verbose: bool = False):
+    """The model to train, with its parts frozen (``freeze``), pruned (``prune``: from ``init_from``'s weights,
+    so a resume gets the same structure and masks), its teacher (``distill``), the cache of its frozen
+    encoders' features and gradient checkpointing; returns (model, masks, distiller, cache)."""
     model = build_model(cfg.model).to(device)
     model.freeze(cfg.freeze)
     masks = None
-    if cfg.prune.kind != "none":  # the same structure and masks on a resume: they follow from init_from's weights
+    if cfg.prune.kind != "none":
         init_weights(model, cfg.init_from, device, log=log)
         masks = prune(model, cfg.prune.kind, cfg.prune.amount, log=log)
-    distiller = Distiller(cfg.distill, model, device) if cfg.distill.teacher else None
-    cache = frozen_feature_cache(cfg, model, is_main)
+    distiller = Distiller(cfg.distill, model, load(cfg.distill.teacher, map_location=device)) \
+        if cfg.distill.teacher else None
+    cache = frozen_feature_cache(cfg, model, verbose)
     for enc in model.encoders.values():
-        if hasattr(enc, "transformer"):
-            enc.transformer.grad_checkpointing = cfg.grad_checkpointing
+        enc.set_grad_checkpointing(cfg.grad_checkpointing)
     model.decoder.grad_checkpointing = cfg.grad_checkpointing
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_mult), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  fused=device.type in ("cuda", "cpu"))  # CPU: 21 vs 72 ms a step (main job)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    return model, masks, distiller, cache
 
-    step, epoch, batch_in_epoch, best = 0, 0, 0, math.inf
-    total = cfg.steps  # fewer if max_minutes is set and the measured rate shows cfg.steps would not fit
-    replans: list = []  # (step, cosine position) where a budgeted run changed `total`: see cosine_position
+
+def restore(cfg: TrainConfig, out_dir: Path, model: MultimodalModel, optimizer, scaler, schedule: Schedule, *,
+            resume: bool, device: torch.device, is_main: bool = True) -> tuple[Path | None, dict]:
+    """Where the run starts: with ``resume`` the latest checkpoint that loads (model, optimizer, scaler, the
+    schedule's plan, random state; the log is cut back to its step), else ``init_from``'s weights or the
+    model as built (the log starts empty). Returns the checkpoint (None: none) and the loop's position
+    (``step``, ``epoch``, ``batch_in_epoch``, ``best``)."""
+    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    log = print if is_main else (lambda *_: None)
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": math.inf}
     loaded = load_latest(ckpt_dir, model, device, log=log) if resume else None
-    last = loaded[0] if loaded else None
-    if cfg.init_from and last is None and cfg.prune.kind == "none":
+    if cfg.init_from and loaded is None and cfg.prune.kind == "none":
         init_weights(model, cfg.init_from, device, log=log)
-    if resume and last is None and is_main:
-        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    if loaded is not None:
-        state = loaded[1]
-        configured = state.get("configured_steps")
-        if configured is not None and configured != cfg.steps:
-            # the schedule (warmup, cosine, a budget's plan) was laid out for the old number of steps
-            raise RunFolderError(
-                f"--resume: config key 'steps' is {cfg.steps} but the run in {out_dir} was started with {configured} "
-                f"(it is at step {state['step']}); resume with steps={configured}, or start a new run from it with "
-                f"--init_from={out_dir / 'model' if (out_dir / 'model').is_dir() else last}")
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
-        total, replans = state.get("total", cfg.steps), [tuple(r) for r in state.get("replans", [])]
-        set_rng_state(state["rng"])
+    if loaded is None:
+        if resume:
+            log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
         if is_main:
-            truncate_log(log_path, step)
-            print(f"resumed from {last} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    elif is_main:
-        log_path.unlink(missing_ok=True)  # a fresh start: lines of an earlier attempt would interleave
-    if is_main:  # after the checks above: a refused resume leaves the run's config as it was
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+            log_path.unlink(missing_ok=True)  # a fresh start: lines of an earlier attempt would interleave
+        return None, position
+    last, state = loaded
+    configured = state.get("configured_steps")
+    if configured is not None and configured != cfg.steps:
+        # the schedule (warmup, cosine, a budget's plan) was laid out for the old number of steps
+        raise RunFolderError(
+            f"--resume: config key 'steps' is {cfg.steps} but the run in {out_dir} was started with {configured} "
+            f"(it is at step {state['step']}); resume with steps={configured}, or start a new run from it with "
+            f"--init_from={out_dir / 'model' if (out_dir / 'model').is_dir() else last}")
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    position = {k: state[k] for k in position}
+    schedule.load_state_dict(state)
+    set_rng_state(state["rng"])
+    if is_main:
+        truncate_log(log_path, position["step"])
+    log(f"resumed from {last} at step {position['step']} (epoch {position['epoch']}, batch {position['batch_in_epoch']})")
+    return last, position
 
-    if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
-        n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
-                            autocast=autocast_for(cfg.precision, device.type), progress=is_main)
-        if is_main:
-            print(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
 
-    # Wrap for several processes; ``core`` is the module without the DDP/compile wrappers.
-    core = model
+def wrap(model: MultimodalModel, cfg: TrainConfig, world: int, *, resumed: bool) -> tuple[torch.nn.Module, bool]:
+    """The module the steps run: for several processes FSDP2 (``distributed: fsdp``, shards ``model`` in
+    place) or DDP around it, then torch.compile (``compile``). Returns it and whether FSDP shards."""
     fsdp = world > 1 and cfg.distributed == "fsdp"
-    if fsdp and last is not None:
+    if fsdp and resumed:
         raise ConfigError("--resume with distributed: fsdp is not supported yet (the optimizer state is saved "
                          "unsharded only for DDP); resume with distributed: ddp")
     if fsdp:
@@ -558,188 +527,171 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if cfg.compile:
         model = torch.compile(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg, progress=cosine_position(s, cfg, total, replans)), last_epoch=step - 1)
+    return model, fsdp
 
-    autocast = autocast_for(cfg.precision, device.type)
 
-    data_read, reading = Counter(), {}  # this process's data counts: finished passes; the pass in progress
-
-    def batches():
-        """Endless batch stream; (epoch, batch_in_epoch) say where it is, so a resume continues exactly."""
-        nonlocal epoch, batch_in_epoch
-        while True:
-            loader = reading["loader"] = build_data(cfg, core, splits=cfg.data.train, weights=cfg.data.weights,
-                                                    train=True, rank=rank, world=world, epoch=epoch,
-                                                    skip_batches=batch_in_epoch)
-            for batch in loader:
-                batch_in_epoch += 1
-                yield batch
-            del reading["loader"]
-            data_read.update(loader.stats)
-            if is_main and loader.stats:
-                loader.report(print_fn=lambda s: tqdm.write(f"epoch {epoch} data: {s}"))
-            epoch, batch_in_epoch = epoch + 1, 0
-
-    def data_counts() -> dict:
-        """Training samples read and skipped (with reasons) since this process started."""
-        stats = data_read + (reading["loader"].stats if "loader" in reading else Counter())
-        return read_counts(stats, complete=True)
-
-    writer = None
-    fit_labels: set[str] = set()
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if cfg.report.fit_samples:
-            from mmstory.evaluate import split_labels
-
-            fit_labels = split_labels(load_manifest(cfg.data.manifest).split(fit_split(cfg)))
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-    stream = batches()
-    bar = tqdm(total=total, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
-    last_ckpt = str(last) if last else "none"
-    t_log, samples_since = time.perf_counter(), 0
-    model.train()
-    t_start = time.perf_counter()
-    first_step, t_first = step, None  # rate of this process's steps, measured from its second step on
-    plan0, replan_every = None, 0  # (step, time) of this process's first plan; re-plans every replan_every steps
-    stop_at = total
-    while step < stop_at:
-        terms: dict[str, float] = {}
-        for micro in range(cfg.optim.accum_steps):
-            batch = to_device(next(stream), device)
-            sync = micro == cfg.optim.accum_steps - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with autocast(), (nullcontext() if sync else model.no_sync()):
-                if cache is not None:
-                    batch["features"] = cache(core, batch)
-                out = model(batch)
-                if distiller is not None:
-                    distiller.add_terms(out, batch)
-                loss = out["loss"] / cfg.optim.accum_steps
-            if not torch.isfinite(loss):
-                keys = batch["__key__"]
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1} on a batch of {len(keys)} "
-                                    f"samples ({', '.join(keys[:4])}{', ...' * (len(keys) > 4)}); "
-                                    f"last good checkpoint: {last_ckpt}")
-            (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in loss_items(out).items():
-                terms[k] = terms.get(k, 0.0) + v / cfg.optim.accum_steps
-            samples_since += len(batch["__key__"]) * world
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if masks is not None:  # pruned weights stay zero
-            masks.apply(core)
-        scheduler.step()
-        step += 1
-        if step == first_step + 1:
-            t_first = time.perf_counter()
-        due = step == plan_at_step(cfg) if plan0 is None else (step - plan0[0]) % replan_every == 0
-        if cfg.max_minutes and due and step - first_step > 5 and step < total:
-            # Budget check: at the end of warmup (the learning rate until then does not depend on the number
-            # of steps), then every 1/8 of the steps left: at the rate measured so far, do the planned steps
-            # fit in max_minutes? Plan fewer (or more again, up to cfg.steps) so the cosine ends at the last
-            # step inside the budget: not cut off by the guard below at a high learning rate, and no budget
-            # left unused when the first estimate was pessimistic (the machine's speed can drift by 1.5x).
+# ---------------------------------------------------------------------------------------------- the loop
+def train_loop(run: Run) -> None:
+    """Step to the planned last step (or until the time budget's guard stops the run), logging every
+    ``log_every`` steps, validating every ``eval_every`` and saving a checkpoint every ``ckpt_every`` steps and
+    at the last."""
+    cfg = run.cfg
+    bar = tqdm(total=run.schedule.total, initial=run.step, desc="train", disable=not run.is_main, dynamic_ncols=True)
+    t_log, samples = time.perf_counter(), 0  # throughput since the last logged step
+    run.model.train()
+    budget = Budget(cfg.max_minutes, cfg.steps, cfg.optim.warmup_steps, step=run.step, total=run.schedule.total,
+                    agree=run.agree)
+    while run.step < budget.stop_at:
+        terms, n = train_step(run)
+        samples += n
+        follow_budget(run, budget, bar)
+        step, last = run.step, run.step == budget.stop_at
+        if run.is_main and (step % cfg.log_every == 0 or last or step == 1):
             now = time.perf_counter()
-            # s/step: at the first plan since this process's second step (its start-up excluded); later since
-            # the first plan, so the validations and checkpoints of the run are in the rate
-            rate = ((now - t_first) / (step - first_step - 1) if plan0 is None
-                    else (now - plan0[1]) / (step - plan0[0]))
-            fit = torch.tensor([steps_that_fit(cfg, step, now - t_start, rate)], device=device)
-            if world > 1:  # every rank plans the same number of steps
-                dist.all_reduce(fit, op=dist.ReduceOp.MIN)
-            planned = int(fit.item())
-            if plan0 is None:
-                plan0, replan_every = (step, now), max(10, (planned - step) // 8)
-            if planned != total:
-                replans.append((step, cosine_position(step, cfg, total, replans)))
-                total = stop_at = planned
-                bar.total = total
-                bar.refresh()
-                if is_main:
-                    tqdm.write(f"time budget of {cfg.max_minutes} min at {rate:.2f} s/step: planned {total} steps"
-                               f" (configured: {cfg.steps})")
-                    with log_path.open("a") as f:
-                        f.write(json.dumps({"step": step, "planned_steps": total}) + "\n")
-        if cfg.max_minutes and stop_at == total and step < total:
-            over = torch.tensor([float(time.perf_counter() - t_start > 60 * cfg.max_minutes)], device=device)
-            if world > 1:  # every rank must agree on the step it stops at
-                dist.all_reduce(over, op=dist.ReduceOp.MAX)
-            if over.item():
-                stop_at = step  # evaluate and save as at the last step
-                if is_main:
-                    tqdm.write(f"time budget of {cfg.max_minutes} min reached at step {step}")
-
-        if is_main and (step % cfg.log_every == 0 or step == stop_at or step == 1):
-            now = time.perf_counter()
-            record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                      "samples_per_s": samples_since / max(now - t_log, 1e-9),
-                      "logit_scale": core.losses["contrastive"].scale().item() if "contrastive" in core.losses else None}
-            t_log, samples_since = now, 0
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    writer.add_scalar(f"train/{k}", v, step)
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
+            log_step(run, terms, samples / max(now - t_log, 1e-9), bar)
+            t_log, samples = now, 0
         bar.update(1)
         if os.environ.get("MMSTORY_KILL_AT_STEP") == str(step):  # test hook: simulate kill -9 here
             os.kill(os.getpid(), 9)
 
-        evaluate_now = cfg.eval_every and step % cfg.eval_every == 0
-        if not (evaluate_now or step % cfg.ckpt_every == 0 or step == stop_at):
-            continue
-        host = unsharded(core, cfg, fsdp, device)  # every rank takes part in the FSDP gather
-        if is_main:
-            val = validation_losses(host, cfg, device, autocast) if (evaluate_now or step == stop_at) else {}
-            val_loss = math.inf
-            if val:
-                val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
-                fit = fit_metrics(host, cfg, fit_labels) if cfg.report.fit_samples else {}
-                counts = data_counts()
-                read = {"data/samples_read": counts["samples_read"], "data/missing_samples": counts["missing_samples"],
-                        **{f"data/skipped/{k}": v for k, v in counts["skipped"].items()}}
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, **val, "val/loss": val_loss, **fit, **read}) + "\n")
-                for k, v in {**val, **fit}.items():
-                    writer.add_scalar(k, v, step)
-                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in {**val, **fit}.items()
-                                                        if k.endswith("/loss") or k.startswith("fit")))
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "total": total,
-                     "replans": replans, "configured_steps": cfg.steps}
-            if val_loss < best:
-                best = state["best"] = val_loss
-                save_checkpoint(ckpt_dir / "best", host, optimizer, scaler, state, rng_state())
-            save_checkpoint(ckpt_dir / f"step_{step:06d}", host, optimizer, scaler, state, rng_state())
-            prune_checkpoints(ckpt_dir, cfg.keep_last)
-            last_ckpt = str(ckpt_dir / f"step_{step:06d}")
+        validate_now = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        if validate_now or step % cfg.ckpt_every == 0 or last:
+            host = unsharded(run.core, cfg, run.fsdp, run.device)  # every rank takes part in the FSDP gather
+            if run.is_main:
+                save(run, host, val_loss=validate(run, host) if validate_now or last else math.inf)
     bar.close()
-    stream.close()  # shuts the loader workers down now, not at some later garbage collection
+    run.stream.close()
 
-    host = unsharded(core, cfg, fsdp, device)
-    if is_main:
-        writer.close()
-        host.save(out_dir / "model")
-        if masks is not None:
-            save_masks(masks, out_dir / "model")
+
+def train_step(run: Run) -> tuple[dict[str, float], int]:
+    """One optimizer step over ``accum_steps`` micro-batches (autocast; DDP syncs gradients on the last one
+    only; the fp16 grad scaler; gradient clipping; pruned weights kept at zero), then the schedule's next
+    learning rate; ``run.step`` counts it. Returns the step's loss terms and the number of samples it trained
+    on over all ranks. A non-finite loss stops the run, naming the batch's samples."""
+    cfg, model, accum = run.cfg, run.model, run.cfg.optim.accum_steps
+    terms: dict[str, float] = {}
+    samples = 0
+    for micro in range(accum):
+        batch = to_device(next(run.stream), run.device)
+        sync = micro == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with run.autocast(), (nullcontext() if sync else model.no_sync()):
+            if run.cache is not None:
+                batch["features"] = run.cache(run.core, batch)
+            out = model(batch)
+            if run.distiller is not None:
+                run.distiller.add_terms(out, batch)
+            loss = out["loss"] / accum
+        if not torch.isfinite(loss):
+            keys = batch["__key__"]
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {run.step + 1} on a batch of {len(keys)} "
+                                f"samples ({', '.join(keys[:4])}{', ...' * (len(keys) > 4)}); "
+                                f"last good checkpoint: {run.last_ckpt}")
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        for k, v in loss_items(out).items():
+            terms[k] = terms.get(k, 0.0) + v / accum
+        samples += len(batch["__key__"]) * run.world
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.masks is not None:
+        run.masks.apply(run.core)
+    run.scheduler.step()
+    run.step += 1
+    return terms, samples
+
+
+def follow_budget(run: Run, budget: Budget, bar: tqdm) -> None:
+    """The time budget after a step (``Budget``): a re-plan of the last step when one is due, or the stop
+    when the budget is spent; both are said on the console, a re-plan also in the log."""
+    rate = budget.replan(run.step, run.schedule)
+    if rate is not None:
+        bar.total = run.schedule.total
+        bar.refresh()
+        if run.is_main:
+            tqdm.write(f"time budget of {run.cfg.max_minutes} min at {rate:.2f} s/step: planned {run.schedule.total} "
+                       f"steps (configured: {run.cfg.steps})")
+            append_log(run.log_path, {"step": run.step, "planned_steps": run.schedule.total})
+    if budget.out_of_time(run.step, run.schedule) and run.is_main:
+        tqdm.write(f"time budget of {run.cfg.max_minutes} min reached at step {run.step}")
+
+
+def log_step(run: Run, terms: dict[str, float], samples_per_s: float, bar: tqdm) -> None:
+    """The step's loss terms, learning rate (the base group's, for the next step), epoch and throughput, to
+    metrics.jsonl, tensorboard and the progress bar."""
+    core = run.core
+    record = {"step": run.step, **terms, "lr": run.scheduler.get_last_lr()[0], "epoch": run.stream.epoch,
+              "samples_per_s": samples_per_s,
+              "logit_scale": core.losses["contrastive"].scale().item() if "contrastive" in core.losses else None}
+    append_log(run.log_path, record)
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+            run.writer.add_scalar(f"train/{k}", v, run.step)
+    bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
+
+
+def validate(run: Run, host: MultimodalModel) -> float:
+    """Validation losses, the fit on training images (``report.fit_samples``) and the data read so far, to
+    metrics.jsonl, tensorboard and the console; returns the mean validation loss (inf: no validation data)."""
+    cfg = run.cfg
+    val = validation_losses(host, cfg, run.device, run.autocast)
+    if not val:
+        return math.inf
+    val_loss = float(np.mean([v for k, v in val.items() if k.endswith("/loss")]))
+    fit = fit_metrics(host, cfg, run.fit_labels) if cfg.report.fit_samples else {}
+    counts = run.stream.counts()
+    read = {"data/samples_read": counts["samples_read"], "data/missing_samples": counts["missing_samples"],
+            **{f"data/skipped/{k}": v for k, v in counts["skipped"].items()}}
+    append_log(run.log_path, {"step": run.step, **val, "val/loss": val_loss, **fit, **read})
+    for k, v in {**val, **fit}.items():
+        run.writer.add_scalar(k, v, run.step)
+    tqdm.write(f"step {run.step}: " + ", ".join(f"{k}={v:.3f}" for k, v in {**val, **fit}.items()
+                                                if k.endswith("/loss") or k.startswith("fit")))
+    return val_loss
+
+
+def save(run: Run, host: MultimodalModel, val_loss: float) -> None:
+    """A checkpoint of this step (``step_NNNNNN``; ``best`` too when ``val_loss`` is the lowest yet), of which
+    the last ``keep_last`` are kept. Its trainer state is what ``restore`` reads back."""
+    state = {"step": run.step, "epoch": run.stream.epoch, "batch_in_epoch": run.stream.batch_in_epoch,
+             "best": run.best, **run.schedule.state_dict(), "configured_steps": run.cfg.steps}
+    if val_loss < run.best:
+        run.best = state["best"] = val_loss
+        save_checkpoint(run.ckpt_dir / "best", host, run.optimizer, run.scaler, state, rng_state())
+    folder = run.ckpt_dir / f"step_{run.step:06d}"
+    save_checkpoint(folder, host, run.optimizer, run.scaler, state, rng_state())
+    prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
+    run.last_ckpt = str(folder)
+
+
+def finish(run: Run) -> None:
+    """After the last step: the model folder (with the pruning masks), plots of the log and the final report."""
+    host = unsharded(run.core, run.cfg, run.fsdp, run.device)
+    if run.is_main:
+        run.writer.close()
+        host.save(run.out_dir / "model")
+        if run.masks is not None:
+            save_masks(run.masks, run.out_dir / "model")
         from mmstory.plots import plot_metrics
 
-        plot_metrics(log_path, out_dir / "plots")
-        if cfg.final_eval:
-            final_report(host, cfg, out_dir, fit_labels=fit_labels or None, train_data=data_counts())
-    if world > 1:
+        plot_metrics(run.log_path, run.out_dir / "plots")
+        if run.cfg.final_eval:
+            final_report(host, run.cfg, run.out_dir, fit_labels=run.fit_labels or None, train_data=run.stream.counts())
+    if run.world > 1:
         dist.barrier()
-    return out_dir
+
+
+def append_log(path: Path, record: dict) -> None:
+    """One line of metrics.jsonl."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
 
 
 def fit_split(cfg: TrainConfig) -> str:
@@ -759,6 +711,7 @@ def train_fit(model: MultimodalModel, cfg: TrainConfig, labels: set[str], *, kee
     every = max(1, total // cfg.report.fit_samples) if total else 1
     return evaluate(model, split, tasks=("caption",), max_samples=cfg.report.fit_samples, every=every,
                     decode=DecodeOptions(max_new_tokens=cfg.report.max_new_tokens), data=cfg.data.loader,
+                    batch_size=cfg.report.batch_size,
                     diagnostics=False, meteor=False, labels=labels, progress=False, keep_images=keep_images,
                     leave_one_out=leave_one_out, name=f"{fit_split(cfg)} (fit{', leave-one-out' * leave_one_out})")
 
@@ -789,6 +742,7 @@ def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit
     for split in cfg.data.val:
         results[split] = evaluate(model, manifest.split(split), tasks=tuple(cfg.report.tasks),
                                   max_samples=cfg.report.max_samples, decode=decode, data=cfg.data.loader,
+                                  batch_size=cfg.report.batch_size,
                                   fuse_question=cfg.data.loader.fuse_question, name=split, reference=reference,
                                   wordings=wordings, qa_decode=dataclasses.replace(decode, num_beams=cfg.report.qa_beams))
         write_report(results[split], out_dir / "report" / split)

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import tiny_config
 from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nn_answers, nn_captions,
                                nn_classes, nn_text_scores, normalize_text, pixel_features)
-from mmstory.data.pipeline import DataConfig
+from mmstory.config import DataConfig
 from mmstory.evaluate import evaluate, reference_bank
 from mmstory.generation import DecodeOptions
 from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy

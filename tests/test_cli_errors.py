@@ -280,7 +280,7 @@ def test_caption_reports_an_unreadable_file_and_captions_the_rest(checkpoint, im
     argv = [images[0], str(bad), str(missing), images[1], str(folder)]
     assert main(["caption", *argv, "--checkpoint", str(checkpoint)] + DECODE) == 1
     out, err = capsys.readouterr()
-    expected = mmstory.load(checkpoint).caption([Image.open(p) for p in images], max_new_tokens=4)
+    expected = mmstory.caption(mmstory.load(checkpoint), [Image.open(p) for p in images], max_new_tokens=4)
     assert out.splitlines() == [f"{images[0]}\t{expected[0]}", f"{images[1]}\t{expected[1]}"]
     assert "Traceback" not in err
     assert err.splitlines() == [f"error: {bad}: cannot read image: ValueError: not an image file that PIL can read "

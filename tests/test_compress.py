@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import mmstory
 from conftest import make_batch, tiny_config
 from mmstory.compress.prune import (PruneMasks, load_masks, model_sparsity, prune, prune_mlp_channels, ratio_for,
                                     save_masks)
@@ -276,9 +277,9 @@ def test_quantized_model_works_in_every_entry_point(tmp_path):
     model.save(tmp_path / "q")
     q = mmstory.load(tmp_path / "q")
     image = (np.random.RandomState(0).rand(40, 40, 3) * 255).astype(np.uint8)
-    assert len(q.caption([image, image], max_new_tokens=4)) == 2
-    assert isinstance(q.answer(question="what is shown?", image=image, max_new_tokens=4), str)
-    assert q.embed_images([image]).shape == (1, 16) and q.embed_texts(["a cat"]).shape == (1, 16)
+    assert len(mmstory.caption(q, [image, image], max_new_tokens=4)) == 2
+    assert isinstance(mmstory.answer(q, question="what is shown?", image=image, max_new_tokens=4), str)
+    assert mmstory.embed_images(q, [image]).shape == (1, 16) and mmstory.embed_texts(q, ["a cat"]).shape == (1, 16)
     res = subprocess.run([sys.executable, "-m", "mmstory.cli", "eval", str(tmp_path / "q"), "--data",
                           str(ROOT / "data_manifests/emoji.json"), "--split", "val_style", "--max-samples", "8",
                           "--tasks", "caption,retrieval", "--max-new-tokens", "4", "--reference", "none", "--quiet",
@@ -289,7 +290,7 @@ def test_quantized_model_works_in_every_entry_point(tmp_path):
         r = client.post("/v1/caption", files={"image": ("a.png", _png(image), "image/png")},
                         data={"max_new_tokens": "4"})
         assert r.status_code == 200, r.text
-        assert r.json()["caption"] == q.caption([image], max_new_tokens=4)[0]
+        assert r.json()["caption"] == mmstory.caption(q, [image], max_new_tokens=4)[0]
 
 
 def _png(array) -> bytes:

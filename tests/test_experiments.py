@@ -22,7 +22,7 @@ from mmstory.data.converters import convert_audio_captions, convert_coco_caption
 from mmstory.data.manifest import load_manifest
 from mmstory.encoders import PretrainedLoadError
 from mmstory.model import build_model
-from mmstory.train import TrainConfig
+from mmstory.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))

@@ -17,8 +17,8 @@ import mmstory
 from conftest import tiny_config
 from mmstory import inference
 from mmstory.cli import main
-from mmstory.data.pipeline import DataConfig
-from mmstory.evaluate import TASKS, evaluate, summary, write_report
+from mmstory.config import DataConfig
+from mmstory.evaluate import EVAL_TASKS, evaluate, summary, write_report
 from mmstory.generation import DecodeOptions
 from mmstory.model import build_model
 
@@ -68,54 +68,54 @@ def test_caption_same_for_pil_path_and_tensors(model, tmp_path):
     path.write_bytes(_png(img))
     normalised = inference.image_transform(model)(img, None)  # (3, 32, 32)
     raw = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # uint8 (3, H, W)
-    from_pil = model.caption(img, **DECODE)
+    from_pil = mmstory.caption(model, img, **DECODE)
     assert len(from_pil) == 1
-    assert model.caption(str(path), **DECODE) == from_pil
-    assert model.caption(path, **DECODE) == from_pil
-    assert model.caption(normalised, **DECODE) == from_pil
-    assert model.caption(raw, **DECODE) == from_pil
+    assert mmstory.caption(model, str(path), **DECODE) == from_pil
+    assert mmstory.caption(model, path, **DECODE) == from_pil
+    assert mmstory.caption(model, normalised, **DECODE) == from_pil
+    assert mmstory.caption(model, raw, **DECODE) == from_pil
     # batched, in chunks of one, equals one by one
     other = _image(1)
-    assert model.caption([img, other], batch_size=1, **DECODE) == from_pil + model.caption(other, **DECODE)
+    assert mmstory.caption(model, [img, other], batch_size=1, **DECODE) == from_pil + mmstory.caption(model, other, **DECODE)
 
 
 def test_answer_with_image_audio_and_both(model, tmp_path):
     img, wave = _image(0), _wave(0)
-    ans = model.answer(image=img, question="what is shown?", **DECODE)
+    ans = mmstory.answer(model, image=img, question="what is shown?", **DECODE)
     assert isinstance(ans, str)
     expected = model.generate({"image": inference.prepare_images(model, img)}, "question: what is shown? answer:",
                               **DECODE)[0].strip()
     assert ans == expected
-    from_array = model.answer(audio=wave, question="what is said?", **DECODE)
+    from_array = mmstory.answer(model, audio=wave, question="what is said?", **DECODE)
     assert isinstance(from_array, str)
-    assert model.answer(audio=_wav_file(tmp_path / "a.wav", wave), question="what is said?", **DECODE) == from_array
+    assert mmstory.answer(model, audio=_wav_file(tmp_path / "a.wav", wave), question="what is said?", **DECODE) == from_array
     # a clip at another rate is resampled to the encoder's
-    assert isinstance(model.answer(audio=_wave(0, rate=8000), sample_rate=8000, question="what?", **DECODE), str)
-    both = model.answer(image=img, audio=wave, question=["what is shown?", "which category is this?"], **DECODE)
+    assert isinstance(mmstory.answer(model, audio=_wave(0, rate=8000), sample_rate=8000, question="what?", **DECODE), str)
+    both = mmstory.answer(model, image=img, audio=wave, question=["what is shown?", "which category is this?"], **DECODE)
     assert isinstance(both, list) and len(both) == 2
 
 
 def test_retrieve_ranking_is_sorted_cosine_similarity(model):
     images = [_image(i) for i in range(5)]
     texts = ["a cat", "a red heart", "sun", "two birds", "a tree", "keycap: 0"]
-    sim = model.embed_images(images) @ model.embed_texts(texts).T  # (5, 6)
+    sim = mmstory.embed_images(model, images) @ mmstory.embed_texts(model, texts).T  # (5, 6)
     for i, img in enumerate(images):
-        matches = model.retrieve(img, texts, k=3)
+        matches = mmstory.retrieve(model, img, texts, k=3)
         assert [m.index for m in matches] == sim[i].argsort(descending=True)[:3].tolist()
         assert [m.item for m in matches] == [texts[m.index] for m in matches]
         assert matches[0].score == pytest.approx(sim[i].max().item(), abs=1e-5)
     # text -> image, several queries at once
-    per_query = model.retrieve(texts[:2], images, k=10)
+    per_query = mmstory.retrieve(model, texts[:2], images, k=10)
     assert [[m.index for m in ms] for ms in per_query] == sim[:, :2].T.argsort(dim=1, descending=True).tolist()
     # a known answer: an image is its own nearest neighbour, with cosine 1
-    best = model.retrieve(images[3], images, k=1, gallery_modality="image")[0]
+    best = mmstory.retrieve(model, images[3], images, k=1, gallery_modality="image")[0]
     assert best.index == 3 and best.score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_audio_text_retrieval(model):
     waves = [_wave(i, seconds=0.3 + 0.1 * i) for i in range(3)]
-    sim = model.embed_audio(waves) @ model.embed_texts(["a", "bb", "ccc"]).T
-    got = model.retrieve(["a", "bb", "ccc"], waves, k=3, gallery_modality="audio")
+    sim = mmstory.embed_audio(model, waves) @ mmstory.embed_texts(model, ["a", "bb", "ccc"]).T
+    got = mmstory.retrieve(model, ["a", "bb", "ccc"], waves, k=3, gallery_modality="audio")
     assert [[m.index for m in ms] for ms in got] == sim.T.argsort(dim=1, descending=True).tolist()
 
 
@@ -123,11 +123,11 @@ def test_zero_shot_is_argmax_over_averaged_template_embeddings(model):
     images = [_image(i) for i in range(4)]
     classes = ["cat", "red heart", "sun"]
     templates = ("an emoji of a {}.", "{}", "a photo of {}")
-    out = model.zero_shot_classify(images, classes, templates)
-    per_template = torch.stack([F.normalize(model.embed_texts([t.format(c) for c in classes]), dim=-1)
+    out = mmstory.zero_shot_classify(model, images, classes, templates)
+    per_template = torch.stack([F.normalize(mmstory.embed_texts(model, [t.format(c) for c in classes]), dim=-1)
                                 for t in templates])  # (T, C, E)
     reference = F.normalize(per_template.mean(0), dim=-1)
-    expected = model.embed_images(images) @ reference.T
+    expected = mmstory.embed_images(model, images) @ reference.T
     torch.testing.assert_close(out.scores, expected, atol=1e-5, rtol=1e-5)
     assert out.indices.tolist() == expected.argmax(1).tolist()
     assert out.labels == [classes[i] for i in expected.argmax(1).tolist()]
@@ -136,21 +136,21 @@ def test_zero_shot_is_argmax_over_averaged_template_embeddings(model):
 def test_clear_errors(model, tmp_path):
     missing = tmp_path / "nope.png"
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        model.caption(str(missing))
+        mmstory.caption(model, str(missing))
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="broken.png"):
-        model.caption(bad)
+        mmstory.caption(model, bad)
     with pytest.raises(FileNotFoundError, match="gone.wav"):
-        model.answer(audio=str(tmp_path / "gone.wav"), question="what?")
+        mmstory.answer(model, audio=str(tmp_path / "gone.wav"), question="what?")
     with pytest.raises(ValueError, match="empty gallery"):
-        model.retrieve("a cat", [], k=3)
+        mmstory.retrieve(model, "a cat", [], k=3)
     with pytest.raises(ValueError, match="normalised"):
-        model.caption(torch.zeros(3, 17, 17))  # a float tensor must already be model input
+        mmstory.caption(model, torch.zeros(3, 17, 17))  # a float tensor must already be model input
     torch.manual_seed(0)
     no_audio = build_model(tiny_config(audio=False))
     with pytest.raises(ValueError, match="no audio encoder"):
-        no_audio.answer(audio=_wave(0), question="what?")
+        mmstory.answer(no_audio, audio=_wave(0), question="what?")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -186,7 +186,7 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
                    progress=False)
     assert res["num_samples"] == 5 and res["modalities"] == ["image"]
     m = res["metrics"]
-    assert set(m) == set(TASKS) | {"image_dependence", "baselines"}
+    assert set(m) == set(EVAL_TASKS) | {"image_dependence", "baselines"}
     assert set(m["caption"]) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert m["qa"]["num_questions"] == 10 and set(m["qa"]["per_type"]) == {"what", "yesno"}
     assert set(m["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
@@ -194,11 +194,11 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
     assert m["zeroshot"]["num_classes"] == 4 and 0.0 <= m["zeroshot"]["top1"] <= m["zeroshot"]["top5"] == 1.0
     # inference equals evaluation: the same file through model.caption / model.answer gives the same text
     first = res["predictions"][0]
-    assert first["caption"] == model.caption(images[0], **DECODE)[0]
-    assert first["qa"][0]["prediction"] == model.answer(image=images[0], question="what is shown?", **DECODE)
+    assert first["caption"] == mmstory.caption(model, images[0], **DECODE)[0]
+    assert first["qa"][0]["prediction"] == mmstory.answer(model, image=images[0], question="what is shown?", **DECODE)
     # zero-shot predictions agree with the API over the split's labels
     classes = sorted({p["label"] for p in res["predictions"]})
-    api = model.zero_shot_classify(images, classes)
+    api = mmstory.zero_shot_classify(model, images, classes)
     assert [p["zeroshot"] for p in res["predictions"]] == api.labels
     assert all(isinstance(v, float) for v in summary(res).values())
 
@@ -228,7 +228,7 @@ def test_evaluate_bundled_val_novel(model, tmp_path):
     res = evaluate(model, split, max_samples=16, batch_size=8, decode=DecodeOptions(max_new_tokens=4),
                    data=DataConfig(workers=0), meteor=False, progress=False)
     assert res["num_samples"] == 16 and res["split"] == "val_novel"
-    assert set(res["metrics"]) == set(TASKS) | {"image_dependence", "baselines"}
+    assert set(res["metrics"]) == set(EVAL_TASKS) | {"image_dependence", "baselines"}
     assert {"overall", "per_type"} <= set(res["metrics"]["qa"])
     assert {"top1", "top5"} <= set(res["metrics"]["zeroshot"])
     write_report(res, tmp_path)
@@ -246,14 +246,14 @@ def test_commands(checkpoint, model, tmp_path, capsys):
 
     assert main(["caption", first, str(folder / "1.png"), "--checkpoint", checkpoint, "--max-new-tokens", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"{first}\t{model.caption(images[0], **DECODE)[0]}" and len(lines) == 2
+    assert lines[0] == f"{first}\t{mmstory.caption(model, images[0], **DECODE)[0]}" and len(lines) == 2
 
     assert main(["ask", first, "what is shown?", "--checkpoint", checkpoint, "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out.strip() == model.answer(image=images[0], question="what is shown?", **DECODE)
+    assert capsys.readouterr().out.strip() == mmstory.answer(model, image=images[0], question="what is shown?", **DECODE)
 
     assert main(["retrieve", "--checkpoint", checkpoint, "--query", "a cat", "--images", str(folder), "-k", "3"]) == 0
     ranked = [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()]
-    assert ranked == [m.item for m in model.retrieve("a cat", sorted(str(p) for p in folder.iterdir()), k=3)]
+    assert ranked == [m.item for m in mmstory.retrieve(model, "a cat", sorted(str(p) for p in folder.iterdir()), k=3)]
 
     texts = tmp_path / "texts.txt"
     texts.write_text("a cat\na red heart\nthe sun\n")
@@ -307,7 +307,7 @@ def test_answer_fuses_the_question_as_the_model_was_trained(tmp_path, monkeypatc
         return real(model, inputs, prompts, **kw)
 
     monkeypatch.setattr(inference, "generate_text", spy)
-    fused.answer(image=_image(0), question="is this red?", **DECODE)
-    fused.answer(image=_image(0), question="is this red?", fuse_question=False, **DECODE)
+    mmstory.answer(fused, image=_image(0), question="is this red?", **DECODE)
+    mmstory.answer(fused, image=_image(0), question="is this red?", fuse_question=False, **DECODE)
     assert seen == [["is this red?"], None]
     assert inference.fuses_question(build_model(tiny_config())) is False

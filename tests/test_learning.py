@@ -11,7 +11,8 @@ import torch
 
 from conftest import tiny_config
 from mmstory.config import TokenizerSpec
-from mmstory.data.pipeline import DataConfig, build_loader, fit_to_encoders
+from mmstory.config import DataConfig
+from mmstory.data.loader import build_loader, fit_to_encoders
 from mmstory.evaluate import evaluate
 from mmstory.generation import DecodeOptions
 from mmstory.model import build_model

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmstory
 from conftest import make_batch, tiny_config
 from mmstory.config import Component, ConfigError, ModelConfig, from_dict, load_config, parse_overrides
 from mmstory.encoders import ENCODERS
@@ -69,7 +70,7 @@ def test_contrastive_detach_names_bad_pair_or_side():
 def test_prompt_weight_scores_only_the_filled_in_question():
     """A batch from the data pipeline says which prompt tokens were filled in (the question); the caption
     loss's prompt term and the model's fast path score those and not the template's words."""
-    from mmstory.data.pipeline import collate
+    from mmstory.data.collate import collate
     from mmstory.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
@@ -204,7 +205,7 @@ def test_save_load_gives_identical_outputs(tmp_path, fusion):
     for key in ("logits", "loss", "caption_loss"):
         assert torch.equal(a[key], b[key]), key
     images = batch["image"]
-    assert model.caption(images, max_new_tokens=6) == loaded.caption(images, max_new_tokens=6)
+    assert mmstory.caption(model, images, max_new_tokens=6) == mmstory.caption(loaded, images, max_new_tokens=6)
 
 
 def test_save_load_with_library_encoders(tmp_path, minilm_path, open_clip_tiny_config):

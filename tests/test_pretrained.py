@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mmstory
 from mmstory.decoder import TextDecoder
 from mmstory.encoders import ENCODERS, PretrainedLoadError
 
@@ -133,7 +134,7 @@ def test_model_with_gpt2_decoder_saves_and_loads(tmp_path, tiny_gpt2):
     loaded = load(tmp_path / "m")
     assert loaded.config.decoder.pretrained is None and loaded.decoder.tok.num_embeddings == model.decoder.tok.num_embeddings
     assert torch.equal(model(batch, full_logits=True)["logits"], loaded(batch, full_logits=True)["logits"])
-    assert model.caption(batch["image"], max_new_tokens=5) == loaded.caption(batch["image"], max_new_tokens=5)
+    assert mmstory.caption(model, batch["image"], max_new_tokens=5) == mmstory.caption(loaded, batch["image"], max_new_tokens=5)
 
 
 def test_gpt2_decoder_missing_fails_clearly():

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import mmstory
 from conftest import tiny_config
 from mmstory.config import RetrievalConfig
-from mmstory.data.pipeline import DataConfig
+from mmstory.config import DataConfig
 from mmstory.model import build_model
-from mmstory.retrieval import RetrievalMemory, build_datastore
+from mmstory.datastore import build_datastore
+from mmstory.retrieval import RetrievalMemory
 from mmstory.tokenizer import build_tokenizer
 
 
@@ -65,15 +66,15 @@ def test_model_with_retrieval_builds_saves_and_loads_its_datastore(tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with pytest.raises(RuntimeError, match="datastore is empty"):
-        model.caption(torch.zeros(1, 3, 32, 32), max_new_tokens=3)
+        mmstory.caption(model, torch.zeros(1, 3, 32, 32), max_new_tokens=3)
     assert build_datastore(model, [shard], data=DataConfig(workers=0), progress=False) == 8
     assert model.memory.names == [f"t{i}" for i in range(8)] and model.memory.texts[1] == LABELS[1]
     image = _glyph(1, 99)
-    before = model.caption(image, max_new_tokens=5)
+    before = mmstory.caption(model, image, max_new_tokens=5)
     model.save(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "memory.json").read_text())["texts"] == model.memory.texts
     loaded = mmstory.load(tmp_path / "m")
-    assert loaded.caption(image, max_new_tokens=5) == before
+    assert mmstory.caption(loaded, image, max_new_tokens=5) == before
     torch.testing.assert_close(loaded.memory.keys, model.memory.keys, atol=1e-3, rtol=1e-3)  # stored as fp16
     (tmp_path / "m" / "memory.json").unlink()
     with pytest.raises(FileNotFoundError, match="memory.safetensors, memory.json"):

@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import mmstory  # noqa: E402
+import mmstory
 from conftest import serving, tiny_config  # noqa: E402
 from mmstory.model import build_model  # noqa: E402
 from mmstory.serve.app import ServeSettings, create_app  # noqa: E402
@@ -95,27 +96,27 @@ def test_caption_answer_embed_equal_the_library(client, model):
     image, audio = png(1), wav(2)
     pil = Image.open(io.BytesIO(image))
     r = ok(client.post("/v1/caption", files={"image": ("a.png", image, "image/png")}, data=DECODE))
-    assert r["caption"] == model.caption([pil], max_new_tokens=6)[0]
+    assert r["caption"] == mmstory.caption(model, [pil], max_new_tokens=6)[0]
     assert r["decode"]["max_new_tokens"] == 6
     assert set(r["timings"]) == {"preprocess_ms", "queue_ms", "model_ms", "total_ms", "batch_size"}
     assert r["timings"]["total_ms"] >= r["timings"]["model_ms"] > 0
 
     wave, _ = sf.read(io.BytesIO(audio), dtype="float32")
     r = ok(client.post("/v1/caption", files={"audio": ("a.wav", audio, "audio/wav")}, data=DECODE))
-    assert r["caption"] == model.caption(None, audio=[wave], max_new_tokens=6)[0]
+    assert r["caption"] == mmstory.caption(model, None, audio=[wave], max_new_tokens=6)[0]
 
     r = ok(client.post("/v1/answer", files={"image": ("a.png", image, "image/png")},
                        data={"question": "  what is shown?  ", **DECODE}))
     assert r["question"] == "what is shown?"
-    assert r["answer"] == model.answer(image=pil, question="what is shown?", max_new_tokens=6)
+    assert r["answer"] == mmstory.answer(model, image=pil, question="what is shown?", max_new_tokens=6)
 
     r = ok(client.post("/v1/embed", files={"image": ("a.png", image, "image/png")}))
     assert r["modality"] == "image" and r["dim"] == len(r["embedding"])
-    assert torch.allclose(torch.tensor(r["embedding"]), model.embed_images([pil])[0], atol=1e-5)
+    assert torch.allclose(torch.tensor(r["embedding"]), mmstory.embed_images(model, [pil])[0], atol=1e-5)
     r = ok(client.post("/v1/embed", data={"text": "a red heart"}))
-    assert torch.allclose(torch.tensor(r["embedding"]), model.embed_texts(["a red heart"])[0], atol=1e-5)
+    assert torch.allclose(torch.tensor(r["embedding"]), mmstory.embed_texts(model, ["a red heart"])[0], atol=1e-5)
     r = ok(client.post("/v1/embed", files={"audio": ("a.wav", audio, "audio/wav")}))
-    assert torch.allclose(torch.tensor(r["embedding"]), model.embed_audio([wave])[0], atol=1e-5)
+    assert torch.allclose(torch.tensor(r["embedding"]), mmstory.embed_audio(model, [wave])[0], atol=1e-5)
 
 
 def test_decoding_options_reach_the_decoder(client, model):
@@ -123,11 +124,11 @@ def test_decoding_options_reach_the_decoder(client, model):
     pil = Image.open(io.BytesIO(image))
     r = ok(client.post("/v1/caption", files={"image": ("a.png", image, "image/png")},
                        data={"max_new_tokens": "5", "num_beams": "3", "length_penalty": "0.5"}))
-    assert r["caption"] == model.caption([pil], max_new_tokens=5, num_beams=3, length_penalty=0.5)[0]
+    assert r["caption"] == mmstory.caption(model, [pil], max_new_tokens=5, num_beams=3, length_penalty=0.5)[0]
     seeded = [ok(client.post("/v1/caption", files={"image": ("a.png", image, "image/png")},
                              data={"do_sample": "true", "seed": "11", "temperature": "2", **DECODE}))["caption"]
               for _ in range(2)]
-    assert seeded[0] == seeded[1] == model.caption([pil], do_sample=True, seed=11, temperature=2.0, max_new_tokens=6)[0]
+    assert seeded[0] == seeded[1] == mmstory.caption(model, [pil], do_sample=True, seed=11, temperature=2.0, max_new_tokens=6)[0]
 
 
 def test_retrieve_ranks_the_gallery_indexed_at_start_up(client, model, gallery):
@@ -137,9 +138,9 @@ def test_retrieve_ranks_the_gallery_indexed_at_start_up(client, model, gallery):
              if p.suffix in (".png", ".wav") and p.name != "broken.png"]
     paths = [str(gallery / n) for n in names]
     images = [p for p in paths if p.endswith(".png")]
-    want = model.embed_texts(["a red heart"])[0]
-    gallery_embeds = {n: e for n, e in zip([n for n in names if n.endswith(".png")], model.embed_images(images))}
-    gallery_embeds["sub/beep.wav"] = model.embed_audio([str(gallery / "sub/beep.wav")])[0]
+    want = mmstory.embed_texts(model, ["a red heart"])[0]
+    gallery_embeds = {n: e for n, e in zip([n for n in names if n.endswith(".png")], mmstory.embed_images(model, images))}
+    gallery_embeds["sub/beep.wav"] = mmstory.embed_audio(model, [str(gallery / "sub/beep.wav")])[0]
     expected = sorted(gallery_embeds, key=lambda n: -float(gallery_embeds[n] @ want))[:3]
     assert [m["name"] for m in r["matches"]] == expected
     assert [m["rank"] for m in r["matches"]] == [1, 2, 3]
@@ -344,7 +345,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_captions(served, mo
             results = list(pool.map(one, range(12)))
         stats = ok(httpx.get(url + "/v1/stats"))
     assert stats["requests"] == 12 and stats["batches"] < 12 and max(r["timings"]["batch_size"] for r in results) > 1
-    alone = [model.caption([Image.open(io.BytesIO(b))], max_new_tokens=6)[0] for b in images]
+    alone = [mmstory.caption(model, [Image.open(io.BytesIO(b))], max_new_tokens=6)[0] for b in images]
     assert [r["caption"] for r in results] == alone
 
 

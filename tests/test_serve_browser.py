@@ -19,6 +19,7 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import mmstory  # noqa: E402
+import mmstory
 from conftest import serving, tiny_config  # noqa: E402
 from mmstory.model import build_model  # noqa: E402
 from mmstory.serve.app import create_app  # noqa: E402
@@ -73,7 +74,7 @@ def test_upload_caption_then_ask_in_the_page(tmp_path, browser):
         browser.find_element(By.ID, "file-input").send_keys(str(image))
         caption = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#thread .bubble.caption")))
         assert browser.find_elements(By.CSS_SELECTOR, "#thread .bubble.error") == []
-        expected = model.caption([str(image)], max_new_tokens=tokens)[0]
+        expected = mmstory.caption(model, [str(image)], max_new_tokens=tokens)[0]
         assert caption.text.split("\n")[0] == expected or (expected == "" and "batch of 1" in caption.text)
         assert caption.text.endswith("batch of 1)")  # the timings line below the caption
         assert browser.find_element(By.CSS_SELECTOR, "#preview img").get_attribute("alt") == image.name
@@ -85,7 +86,7 @@ def test_upload_caption_then_ask_in_the_page(tmp_path, browser):
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thread .bubble.answer")) == n)
             assert browser.find_elements(By.CSS_SELECTOR, "#thread .bubble.user")[-1].text == question
             answer = browser.find_elements(By.CSS_SELECTOR, "#thread .bubble.answer")[-1].text.split("\n")[0]
-            expected = model.answer(image=str(image), question=question, max_new_tokens=tokens)
+            expected = mmstory.answer(model, image=str(image), question=question, max_new_tokens=tokens)
             assert answer == expected or (expected == "" and answer.endswith("batch of 1)"))
         assert browser.find_elements(By.CSS_SELECTOR, "#thread .bubble.error") == []
 

@@ -13,8 +13,7 @@ import torch
 import yaml
 
 from conftest import make_batch, tiny_config
-from mmstory.config import ConfigError, load_config, to_dict
-from mmstory.train import TrainConfig
+from mmstory.config import ConfigError, TrainConfig, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,20 +202,6 @@ def test_torchrun_runs_the_same_command(tmp_path, distributed):
     mmstory.load(tmp_path / "run" / "model")  # rank 0 saved a complete, unsharded model
 
 
-def test_lr_factor_warmup_cosine_and_progress_override():
-    from mmstory.train import lr_factor
-
-    cfg = TrainConfig(steps=110)
-    cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 10, 0.1
-    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.55)
-    assert lr_factor(110, cfg) == pytest.approx(0.1)
-    # a given progress (e.g. the elapsed share of a time budget) replaces the step-based one after warmup
-    assert lr_factor(60, cfg, progress=0.5) == lr_factor(60, cfg)
-    assert lr_factor(20, cfg, progress=1.0) == pytest.approx(0.1) == lr_factor(20, cfg, progress=3.0)
-    assert lr_factor(5, cfg, progress=1.0) == pytest.approx(0.6)  # warmup is by steps
-
-
 def test_cpu_bf16_autocast_training_step_close_to_fp32():
     """The main job trains under bf16 autocast on the CPU: losses stay within bf16 rounding of fp32 and
     every gradient is finite (the image, audio and question paths included)."""
@@ -263,32 +248,23 @@ def test_precision_auto_is_bf16_only_where_native(monkeypatch):
     assert [tr.resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
 
 
-def test_steps_that_fit_the_time_budget():
-    from mmstory.train import steps_that_fit
-
-    cfg = TrainConfig(steps=720, max_minutes=9.0)
-    # 480 s left at 1 s/step, 90% of it for steps: 432 more
-    assert steps_that_fit(cfg, 50, elapsed_s=60.0, seconds_per_step=1.0) == 482
-    assert steps_that_fit(cfg, 50, elapsed_s=60.0, seconds_per_step=0.5) == 720  # never more than cfg.steps
-    assert steps_that_fit(cfg, 50, elapsed_s=600.0, seconds_per_step=1.0) == 50  # already over: stop here
-
-
 def test_time_budget_plans_fewer_steps_and_resume_keeps_the_plan(tmp_path, monkeypatch):
     """When the steps would not fit in max_minutes, the run plans fewer at the end of warmup and its cosine
     ends at the new last step; a resumed run keeps that plan and repeats the lost steps exactly. Also: the
     saved config records what ``precision: auto`` resolved to."""
     import shutil
 
+    import mmstory.schedule
     import mmstory.train as tr
 
     d = tiny_train_config(tmp_path / "run", steps=24, ckpt_every=6, max_minutes=10.0, precision="auto", threads=0)
     asked = []
 
-    def fit(cfg, step, elapsed_s, seconds_per_step, margin=0.9):
+    def fit(step, elapsed_s, seconds_per_step, **budget):
         asked.append((step, seconds_per_step > 0))
         return 14
 
-    monkeypatch.setattr(tr, "steps_that_fit", fit)
+    monkeypatch.setattr(mmstory.schedule, "steps_that_fit", fit)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(d))
     out = tr.train(load_config(TrainConfig, path))
@@ -309,37 +285,24 @@ def test_time_budget_plans_fewer_steps_and_resume_keeps_the_plan(tmp_path, monke
     assert step_losses(out) == losses
 
 
-def test_cosine_position_is_continuous_across_replans():
-    from mmstory.train import cosine_position
-
-    cfg = TrainConfig(steps=110)
-    cfg.optim.warmup_steps = 10
-    assert cosine_position(60, cfg, 110, []) == pytest.approx(0.5)  # no re-plan: (step - warmup) / (total - warmup)
-    assert cosine_position(110, cfg, 110, []) == pytest.approx(1.0)
-    # re-planned at step 60 (position 0.5) from 110 to 160 steps: from there it runs on to 1 at step 160
-    replans = [(60, 0.5)]
-    assert cosine_position(60, cfg, 160, replans) == pytest.approx(0.5)
-    assert cosine_position(110, cfg, 160, replans) == pytest.approx(0.75)
-    assert cosine_position(160, cfg, 160, replans) == pytest.approx(1.0)
-
-
 def test_time_budget_replans_with_a_continuous_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
     """A budgeted run re-plans its last step every 1/8 of the steps left (at least 10): longer when the
     measured rate allows, shorter when not. The learning rate keeps falling through each change and ends at
     ``lr * min_lr_ratio`` at the last step; a resume from a checkpoint after the changes keeps them."""
     import shutil
 
+    import mmstory.schedule
     import mmstory.train as tr
 
     d = tiny_train_config(tmp_path / "run", steps=40, ckpt_every=6, max_minutes=10.0)
     plans = iter([22, 34, 32])  # step 10: fewer; step 20: more again; step 30: a little fewer
     asked = []
 
-    def fit(cfg, step, elapsed_s, seconds_per_step, margin=0.9):
+    def fit(step, elapsed_s, seconds_per_step, **budget):
         asked.append(step)
         return next(plans)
 
-    monkeypatch.setattr(tr, "steps_that_fit", fit)
+    monkeypatch.setattr(mmstory.schedule, "steps_that_fit", fit)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(d))
     workers_before = set(multiprocessing.active_children())

@@ -426,7 +426,8 @@ def try_coca_generate(coca, device: str, s: Shape) -> dict:
 # ---------------------------------------------------------------------------------------------- data loader
 def loader_bench(batches: int, batch_size: int = 64, workers: int = 2, image_size: int = 64) -> dict:
     from mmstory.data.manifest import load_manifest
-    from mmstory.data.pipeline import DataConfig, build_loader
+    from mmstory.config import DataConfig
+    from mmstory.data.loader import build_loader
     from mmstory.tokenizer import BPETokenizer
 
     split = load_manifest(str(REPO / "data_manifests/emoji.json")).split("train")

@@ -41,9 +41,9 @@ def measure(folder: str, run: str, *, repeats: int, warmup: int, max_samples: in
     from PIL import Image
 
     import mmstory
-    from mmstory.compress.cli import model_info
+    from mmstory.compress_cli import model_info
     from mmstory.data.manifest import load_manifest
-    from mmstory.train import TrainConfig
+    from mmstory.config import TrainConfig
     from mmstory.config import load_config
 
     torch.set_num_threads(2)
@@ -78,16 +78,16 @@ def measure(folder: str, run: str, *, repeats: int, warmup: int, max_samples: in
         return out
 
     with torch.inference_mode():
-        one = lambda: model.caption(images[:1], **opts)  # noqa: E731
+        one = lambda: mmstory.caption(model, images[:1], **opts)  # noqa: E731
         timed(one, warmup)
         lat = timed(one, repeats)
-        batch = lambda: model.caption(images, batch_size=64, **opts)  # noqa: E731
+        batch = lambda: mmstory.caption(model, images, batch_size=64, **opts)  # noqa: E731
         timed(batch, 1)
         bat = timed(batch, max(3, repeats // 10))
     row = {**info, "caption_batch1_ms_median": 1000 * statistics.median(lat), "caption_batch1_ms_min": 1000 * min(lat),
            "images_per_s_batch64": 64 / statistics.median(bat),
            "peak_rss_mb_inference": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "sample_captions": model.caption(images[:4], max_new_tokens=16)}
+           "sample_captions": mmstory.caption(model, images[:4], max_new_tokens=16)}
     if quality:
         import dataclasses
 
@@ -117,7 +117,7 @@ def make_base(run: str, folder: Path) -> None:
     from mmstory.compress.quantize import quantize_linear
     from mmstory.config import Component, load_config
     from mmstory.model import build_model
-    from mmstory.train import TrainConfig
+    from mmstory.config import TrainConfig
 
     cfg = load_config(TrainConfig, Path(run) / "config.yaml").model
     cfg.dim = 768

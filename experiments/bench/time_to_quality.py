@@ -71,11 +71,14 @@ class CoCaAdapter(nn.Module):
     CoCa's text tower has no padding mask."""
 
     def __init__(self, coca: nn.Module, tokenizer, preprocess: dict, context_length: int):
+        from mmstory.prompts import Prompts
+
         super().__init__()
         self.coca = coca
         self.tokenizer = self.text_tokenizer = tokenizer
         self.encoders = {"image": SimpleNamespace(preprocess=preprocess), "text": SimpleNamespace(max_len=context_length)}
         self.decoder = SimpleNamespace(max_len=context_length)
+        self.prompts = Prompts()  # CoCa is trained with the same default prompts as the mmstory arm
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +126,8 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     from open_clip.loss import CoCaLoss
 
     from mmstory.model import build_model
-    from mmstory.train import autocast_for, build_data, lr_factor, param_groups, seed_everything
+    from mmstory.schedule import warmup_cosine
+    from mmstory.train import autocast_for, build_data, param_groups, seed_everything
 
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -138,7 +142,8 @@ def train_coca(cfg, minutes: float, out_dir: Path) -> tuple[nn.Module, dict]:
     def lr_now(step: int, elapsed: float) -> float:
         """The main job's schedule shape over CoCa's wall-clock budget: the same warmup steps, then a
         cosine over the elapsed fraction of the budget (CoCa's step count is not known in advance)."""
-        return cfg.optim.lr * lr_factor(step, cfg, progress=elapsed / (60 * minutes))
+        return cfg.optim.lr * warmup_cosine(step, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio,
+                                            progress=elapsed / (60 * minutes))
     w = {n: s.weight for n, s in cfg.model.losses.items()}
     loss_fn = CoCaLoss(caption_loss_weight=w.get("caption", 1.0), clip_loss_weight=w.get("contrastive", 1.0),
                        pad_id=tok.pad_id)
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmstory.data.manifest import load_manifest
     from mmstory.evaluate import evaluate
     from mmstory.generation import DecodeOptions
-    from mmstory.train import TrainConfig, resolve_precision, train
+    from mmstory.config import TrainConfig
+    from mmstory.train import resolve_precision, train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "experiments/emoji_tiny.yaml"))

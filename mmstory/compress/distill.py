@@ -22,11 +22,12 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 class Distiller:
-    def __init__(self, spec, student, device: torch.device):
-        from mmstory.model import load
+    """The teacher side of distillation: ``teacher`` (the model saved at ``spec.teacher``, loaded by the trainer)
+    runs on each batch without gradients, and ``add_terms`` adds its soft targets to the student's loss."""
 
+    def __init__(self, spec, student, teacher: torch.nn.Module):
         self.spec = spec
-        self.teacher = load(spec.teacher, map_location=device).eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False)
         t_tok, s_tok = self.teacher.tokenizer, student.tokenizer
         if t_tok.vocab_size != s_tok.vocab_size or t_tok.encode("a caption: of 3 words") != s_tok.encode(
                 "a caption: of 3 words"):

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mmstory.config import PRUNE_KINDS as KINDS  # the kinds the config accepts (prune.kind)
 from mmstory.layers import MLP
-
-KINDS = ("none", "unstructured", "structured")
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -79,8 +78,7 @@ def _mlp_owners(model: nn.Module) -> dict[str, list[MLP]]:
     """The MLPs whose width a config key sets: {"decoder": [...], "encoders.text": [...], ...}."""
     owners = {"decoder": [m for m in model.decoder.modules() if isinstance(m, MLP)]}
     for modality, enc in model.encoders.items():
-        if hasattr(enc, "transformer"):  # mmstory's own text / audio / ViT towers (mlp_ratio in their args)
-            owners[f"encoders.{modality}"] = [m for m in enc.transformer.modules() if isinstance(m, MLP)]
+        owners[f"encoders.{modality}"] = enc.resizable_mlps()  # mmstory's own towers: mlp_ratio in their args
     return {k: v for k, v in owners.items() if v}
 
 
@@ -110,7 +108,8 @@ def ratio_for(width: int, hidden: int) -> float:
 
 def prune_mlp_channels(model: nn.Module, amount: float) -> dict[str, int]:
     """Remove the fraction ``amount`` of hidden channels of every configurable MLP (the same in each layer) and
-    write the new ``mlp_ratio`` into ``model.config``, so the saved model rebuilds at its new size. Returns
+    write the new ``mlp_ratio`` into ``model.config`` and the owner's ``args`` (which the saved config is written
+    from), so the saved model rebuilds at its new size. Returns
     {owner: hidden channels kept}."""
     if model.config is None:
         raise ValueError("structured pruning needs the model's config (to record the new MLP widths)")
@@ -125,7 +124,9 @@ def prune_mlp_channels(model: nn.Module, amount: float) -> dict[str, int]:
             model.config.decoder.mlp_ratio = ratio_for(width, keep)
             model.decoder.args["mlp_ratio"] = model.config.decoder.mlp_ratio
         else:
-            model.config.encoders[owner.split(".")[1]].args["mlp_ratio"] = ratio_for(width, keep)
+            modality = owner.split(".")[1]
+            model.config.encoders[modality].args["mlp_ratio"] = ratio_for(width, keep)
+            model.encoders[modality].args["mlp_ratio"] = model.config.encoders[modality].args["mlp_ratio"]
         kept[owner] = keep
     return kept
 

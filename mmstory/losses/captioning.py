@@ -6,23 +6,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """(B, S) True at the prompt tokens the caption loss's ``prompt_weight`` scores: those filled in from
-    the sample (a QA sample's question: ``prompt_filled_mask``, which the data pipeline writes), never the
-    template's own words ("question:", "answer:", "caption:"). Scoring those taught the decoder to write
-    "answer" into captions (experiments/README.md). A batch without ``prompt_filled_mask`` (built by hand)
-    scores every prompt token after BOS."""
-    if "prompt_filled_mask" in batch:
-        return batch["prompt_filled_mask"]
-    mask = batch["tokens_mask"] & ~batch["target_mask"]
-    mask[:, 0] = False  # nothing predicts BOS
-    return mask
+from mmstory.prompts import scored_positions
 
 
 class CaptionLoss(nn.Module):
     """Cross-entropy of the next token where it is a target (caption/answer tokens and the final EOS);
-    BOS and padding are ignored, prompt tokens too unless ``prompt_weight`` > 0. Reads either
+    BOS and padding are ignored, prompt tokens too unless ``prompt_weight`` > 0 (``prompts.scored_positions``:
+    only the tokens filled into the prompt, never the template's words). Reads either
 
     - ``target_logits`` (N, V), ``target_ids`` (N,) and, with prompt tokens, ``target_is_prompt`` (N,):
       the head already applied only at the scored positions (``MultimodalModel.forward``'s fast path), or
@@ -49,9 +39,8 @@ class CaptionLoss(nn.Module):
         elif "logits" in outputs:
             # Shift the targets left (the last position predicts nothing) instead of slicing
             # logits[:, :-1]: the slice's backward would allocate and copy a second (B, S, V) gradient.
-            target = batch["target_mask"][:, 1:]
-            prompt = prompt_mask(batch)[:, 1:] if self.prompt_weight else torch.zeros_like(target)
-            targets = batch["tokens"][:, 1:].masked_fill(~(target | prompt), -100)
+            scored, prompt = scored_positions(batch, with_prompt=bool(self.prompt_weight))  # (B, S - 1)
+            targets = batch["tokens"][:, 1:].masked_fill(~scored, -100)
             logits, targets = outputs["logits"].flatten(0, 1), F.pad(targets, (0, 1), value=-100).flatten()
             is_prompt = F.pad(prompt, (0, 1), value=False).flatten()
         else:

@@ -271,7 +271,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
         """Caption an image, an audio clip, or the pair."""
         t0 = time.perf_counter()
         payload = await media(image, audio)
-        options = service.fit_decode(options, inference.CAPTION_PROMPT)
+        options = service.fit_decode(options, service.model.prompts.caption)
         text, timings = await run("caption", payload, options, t0, time.perf_counter())
         return {"caption": text, "decode": asdict(options), "timings": timings}
 
@@ -284,7 +284,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
         question = service.check_question(question)
         payload = await media(image, audio)
         payload["question"] = question
-        options = service.fit_decode(options, inference.QA_PROMPT.format(question=question))
+        options = service.fit_decode(options, service.model.prompts.question(question))
         text, timings = await run("answer", payload, options, t0, time.perf_counter())
         return {"question": question, "answer": text, "decode": asdict(options), "timings": timings}
 

@@ -96,7 +96,7 @@ class Service:
             "decoder": {k: m.decoder.args[k] for k in ("dim", "depth", "heads", "max_len", "vocab_size")},
             "embed_dim": None if cfg is None else cfg.embed_dim,
             "fuse_question": inference.fuses_question(m),
-            "prompts": {"caption": inference.CAPTION_PROMPT, "answer": inference.QA_PROMPT},
+            "prompts": {"caption": m.prompts.caption, "answer": m.prompts.qa},
             "decode_defaults": asdict(Decode()),
             "limits": asdict(self.limits),
             "gallery": {"items": len(self.gallery), "skipped": len(self.gallery_skipped),
