@@ -693,7 +693,6 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-
 def fit_split(cfg: TrainConfig) -> str:
     return cfg.report.fit_split or next(iter(cfg.data.train.values()))
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import mmstory
 from conftest import make_batch, tiny_config
 from mmstory.compress.prune import (PruneMasks, load_masks, model_sparsity, prune, prune_mlp_channels, ratio_for,
                                     save_masks)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import mmstory
-from conftest import tiny_config
 from mmstory.config import ConfigError, DataConfig, TrainConfig, from_dict, load_config, to_dict
 from mmstory.data.manifest import load_manifest
 from mmstory.data.loader import build_loader

@@ -20,7 +20,6 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import mmstory  # noqa: E402
-import mmstory
 from conftest import serving, tiny_config  # noqa: E402
 from mmstory.model import build_model  # noqa: E402
 from mmstory.serve.app import ServeSettings, create_app  # noqa: E402

@@ -19,7 +19,6 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import mmstory  # noqa: E402
-import mmstory
 from conftest import serving, tiny_config  # noqa: E402
 from mmstory.model import build_model  # noqa: E402
 from mmstory.serve.app import create_app  # noqa: E402

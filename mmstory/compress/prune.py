@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mmstory.config import PRUNE_KINDS as KINDS  # the kinds the config accepts (prune.kind)
 from mmstory.layers import MLP
 
 

@@ -35,7 +35,6 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mmstory import inference
 from mmstory.serve.batcher import DynamicBatcher, QueueFull
 from mmstory.serve.service import DECODE_FIELDS, BadInput, Decode, Limits, Service
 
