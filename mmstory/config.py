@@ -246,7 +246,6 @@ class DataConfig:
                              f"got {list(self.crop_scale)}")
 
 
-
 PRUNE_KINDS = ("none", "unstructured", "structured")  # mmstory/compress/prune.py
 
 

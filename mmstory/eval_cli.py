@@ -269,7 +269,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         if query_modality != expected:
             raise UserError(f"--query-{expected}: {args.query_image or args.query_audio} is not a {expected} file")
     matches = retrieve(model, query, items, args.k, query_modality=query_modality,
-                             gallery_modality=gallery_modality, batch_size=args.batch_size)
+                       gallery_modality=gallery_modality, batch_size=args.batch_size)
     for n, m in enumerate(matches, 1):
         print(f"{n}\t{m.score:.4f}\t{gallery[m.index]}")
     return 1 if failed else 0

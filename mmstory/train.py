@@ -398,6 +398,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     # cfg.steps, or fewer if max_minutes is set and the measured rate shows they would not fit (Budget)
     schedule = Schedule(cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, total=cfg.steps)
+    autocast = autocast_for(cfg.precision, device.type)
     last, position = restore(cfg, out_dir, model, optimizer, scaler, schedule, resume=resume, device=device,
                              is_main=is_main)
     if is_main:  # after restore's checks: a refused resume leaves the run's config as it was
@@ -405,7 +406,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
 
     if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
         n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
-                            autocast=autocast_for(cfg.precision, device.type), progress=is_main)
+                            autocast=autocast, progress=is_main)
         log(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
     wrapped, fsdp = wrap(model, cfg, world, resumed=last is not None)
     # the LambdaLR multiplies each param group's own base lr (optim.lr_mult) by the schedule's factor
@@ -423,7 +424,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
     stream = BatchStream(cfg, model, rank=rank, world=world, epoch=position["epoch"],
                          batch_in_epoch=position["batch_in_epoch"], verbose=is_main)
     return Run(cfg, out_dir, rank, world, device, core=model, model=wrapped, fsdp=fsdp, optimizer=optimizer,
-               scaler=scaler, schedule=schedule, scheduler=scheduler, autocast=autocast_for(cfg.precision, device.type),
+               scaler=scaler, schedule=schedule, scheduler=scheduler, autocast=autocast,
                masks=masks, distiller=distiller, cache=cache, stream=stream, writer=writer, fit_labels=fit_labels,
                step=position["step"], best=position["best"], last_ckpt=str(last) if last else "none")
 

@@ -71,17 +71,21 @@ def read_stats(folder: str) -> Counter:
     return total
 
 
+def bad_counts(stats: "Counter | dict[str, int]") -> dict[str, int]:
+    """{reason: n} of the bad data counted (the ``bad/<reason>`` keys), sorted by reason."""
+    return {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")}
+
+
 def bad_summary(stats: Counter) -> str:
     """``reason=n, ...`` for the bad data counted, for error messages."""
-    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
-    return ", ".join(f"{k}={v}" for k, v in bad.items()) or "none counted"
+    return ", ".join(f"{k}={v}" for k, v in bad_counts(stats).items()) or "none counted"
 
 
 def report(stats: "Counter | Loader | MixedLoader", *, print_fn=print) -> str:
     """Print (and return) one line: samples and batches produced, and bad data skipped per reason."""
     if not isinstance(stats, Counter):
         stats = stats.stats
-    bad = {k.split("/", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("bad/")}
+    bad = bad_counts(stats)
     line = (f"data: {stats.get('samples', 0)} samples in {stats.get('batches', 0)} batches; "
             + (f"skipped {sum(bad.values())} bad: " + ", ".join(f"{k}={v}" for k, v in bad.items())
                if bad else "no bad data")
@@ -96,5 +100,5 @@ def read_counts(stats: "Counter | dict[str, int]", *, complete: bool) -> dict:
     truncated shards, shards with fewer samples than the manifest says), ``missing_samples`` (how many the
     manifest counts but the shards did not hold) and whether the whole split was read (``complete``)."""
     return {"samples_read": int(stats.get("samples", 0)), "complete": complete,
-            "skipped": {k.split("/", 1)[1]: int(v) for k, v in sorted(stats.items()) if k.startswith("bad/")},
+            "skipped": bad_counts(stats),
             "missing_samples": int(stats.get("missing_samples", 0))}

@@ -182,8 +182,9 @@ def qa_items(meta: dict) -> list[dict]:
     """A sample json's usable ``qa`` items as ``{"question", "answers", "type"}``: question stripped, answers
     through ``strings``; items without a question or without an answer are left out."""
     items = meta.get("qa") if isinstance(meta.get("qa"), list) else []
-    return [{"question": q["question"].strip(), "answers": strings(q.get("answers")), "type": str(q.get("type", ""))}
-            for q in items if isinstance(q, dict) and isinstance(q.get("question"), str) and strings(q.get("answers"))]
+    return [{"question": q["question"].strip(), "answers": answers, "type": str(q.get("type", ""))}
+            for q in items if isinstance(q, dict) and isinstance(q.get("question"), str)
+            and (answers := strings(q.get("answers")))]
 
 
 def _most_common(answers: list[str]) -> str:
