@@ -460,9 +460,9 @@ def check_components(cfg: "ModelConfig") -> None:
     from mmstory.tokenizer import TOKENIZERS
 
     for modality, comp in cfg.encoders.items():
-        if modality not in ("image", "text", "audio"):
-            raise ConfigError("encoders are keyed by the modality they read: image, text or audio",
-                              key=f"encoders.{modality}")
+        if modality not in ("image", "text", "audio", "question"):
+            raise ConfigError("encoders are keyed by the modality they read: image, text or audio (or question: "
+                              "a text encoder for the fused question only)", key=f"encoders.{modality}")
         _check_args("encoder", ENCODERS, f"encoders.{modality}", comp.name, comp.args, {})
     _check_args("fusion", FUSIONS, "fusion", cfg.fusion.name, cfg.fusion.args, {"dim": cfg.dim})
     for n, spec in cfg.losses.items():

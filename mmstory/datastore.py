@@ -24,7 +24,7 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None =
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          prompts=model.prompts, train=False, **norm)
+                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False, **norm)
     keys, texts, names = [], [], []
     for batch in tqdm(loader, desc="datastore", disable=not progress, unit="batch"):
         if "image" not in batch:

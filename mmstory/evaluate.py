@@ -196,7 +196,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     batch_size = cfg.batch_size
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          prompts=model.prompts, train=False, mean=mean, std=std)
+                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False,
+                          mean=mean, std=std)
     options = dataclasses.asdict(decode)
     qa_options = dataclasses.asdict(qa_decode or decode)
     prompts = model.prompts
@@ -481,7 +482,8 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
     loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          prompts=model.prompts, train=False, mean=mean, std=std)
+                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False,
+                          mean=mean, std=std)
     try:
         total = len(loader)
     except TypeError:

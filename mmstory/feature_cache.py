@@ -7,19 +7,24 @@ their locked tower the same way). ``MultimodalModel.encode`` takes the outputs f
 
 Each stored row keeps a checksum of its input; an input that changes between epochs (augmentation left on)
 raises instead of silently training on stale features.
+
+A frozen question encoder (``encoders.question``) is cached by the question itself, its token ids: a sample's
+question changes between epochs (other QA items, other wordings) but the bundled data asks a few thousand
+distinct ones. Its rows keep only the real tokens and are padded again to each batch's width.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmstory.encoders.base import EncoderOutput
 
 # modality -> (batch key of the input, batch key of its mask)
-_INPUTS = {"image": ("image", None), "audio": ("audio", "audio_mask")}
+_INPUTS = {"image": ("image", None), "audio": ("audio", "audio_mask"), "question": ("question_ids", "question_mask")}
 
 
 class FeatureCache:
-    """Per-sample outputs of frozen encoders, keyed by the sample's ``__key__``.
+    """Per-sample outputs of frozen encoders, keyed by the sample's ``__key__`` (a question: by its token ids).
 
     ``max_gb`` bounds the memory: once full, further samples are encoded every time (and a note is printed once)."""
 
@@ -39,14 +44,17 @@ class FeatureCache:
             key, mask_key = _INPUTS[m]
             if key not in batch or (m == "image" and "image_mask" in batch):
                 continue  # not in this batch, or some rows lack an image (their zeros would be cached)
-            out[m] = self._encode(model.encoders[m], m, batch["__key__"], batch[key],
-                                  batch[mask_key] if mask_key else None)
+            x, mask = batch[key], batch[mask_key] if mask_key else None
+            keys = batch["__key__"] if m != "question" else \
+                [tuple(row[:n].tolist()) for row, n in zip(x, mask.sum(1).tolist())]
+            out[m] = self._encode(model.encoders[m], m, keys, x, mask)
         return out
 
     def _encode(self, encoder, modality: str, keys: list[str], x: torch.Tensor, mask: torch.Tensor | None
                 ) -> EncoderOutput:
         store = self.rows[modality]
-        sums = x.flatten(1).float().sum(1).tolist()  # (B,) checksums of the inputs
+        # (B,) checksums of the inputs; a question's key is its content already
+        sums = x.flatten(1).float().sum(1).tolist() if modality != "question" else [0.0] * len(keys)
         todo = [i for i, k in enumerate(keys) if k not in store]
         fresh = {}
         if todo:
@@ -55,6 +63,8 @@ class FeatureCache:
                 enc = encoder(x.index_select(0, index), None if mask is None else mask.index_select(0, index))
             for j, i in enumerate(todo):
                 row = (enc.tokens[j], enc.mask[j], enc.pooled[j], sums[i])
+                if modality == "question":  # its real tokens only, copied out of the batch
+                    row = (row[0][:len(keys[i])].clone(), row[1][:len(keys[i])].clone(), row[2].clone(), row[3])
                 fresh[keys[i]] = row
                 size = sum(t.numel() * t.element_size() for t in row[:3])
                 if self.bytes + size <= self.max_bytes:
@@ -73,6 +83,10 @@ class FeatureCache:
             rows.append(row)
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
+        if modality == "question":  # rows of real tokens: pad them to the batch's width again
+            width = x.shape[1]
+            rows = [(F.pad(t, (0, 0, 0, width - len(t))), F.pad(m.long(), (0, width - len(m))).bool(), p, s)
+                    for t, m, p, s in rows]
         return EncoderOutput(*(torch.stack([r[n] for r in rows]) for n in range(3)))
 
 

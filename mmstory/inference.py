@@ -310,17 +310,19 @@ def generate_text(model: "MultimodalModel", inputs: dict[str, torch.Tensor], pro
                   exclude: Sequence[str] | None = None, **decode) -> list[str]:
     """Decode one text per row of ``inputs`` (prepared tensors, N rows) with its prompt, in chunks.
     ``fuse_question``: also feed these questions to the fusion (for models trained with
-    ``data.fuse_question``). ``exclude``: per row, a datastore entry retrieval may not return.
-    Outputs are stripped of surrounding whitespace."""
+    ``data.fuse_question``; without them such a model fuses the empty question, as its captions were trained:
+    the loader gives every non-QA sample the question ""). ``exclude``: per row, a datastore entry retrieval
+    may not return. Outputs are stripped of surrounding whitespace."""
     n = len(prompts)
+    if fuse_question is None and fuses_question(model):
+        fuse_question = [""] * n
     out: list[str] = []
     room = _room_for_prompts(model, prompts, decode.get("max_new_tokens", DecodeOptions.max_new_tokens))
     for s in _chunks(n, batch_size):
         chunk = take_rows(inputs, s)
         if fuse_question is not None:
-            max_len = model.encoders["text"].max_len
-            chunk["question_ids"], chunk["question_mask"] = model.text_tokenizer.batch(list(fuse_question[s]),
-                                                                                       max_len=max_len)
+            chunk["question_ids"], chunk["question_mask"] = model.question_tokenizer.batch(
+                list(fuse_question[s]), max_len=model.question_max_len)
         out += [t.strip() for t in model.generate(chunk, list(prompts[s]), exclude=None if exclude is None else
                                                   list(exclude[s]), **{**decode, "max_new_tokens": room})]
     return out

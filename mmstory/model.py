@@ -3,7 +3,8 @@
 Batch keys (bool masks, True = real):
     image (B, 3, H, W) | audio (B, T), audio_mask (B, T)
     text_ids, text_mask (B, L)           the caption for contrastive learning (text tokenizer)
-    question_ids, question_mask (B, Lq)  a question to fuse with the image/audio (text tokenizer)
+    question_ids, question_mask (B, Lq)  a question to fuse with the image/audio (the question encoder's tokenizer:
+                                         ``encoders.question`` where the model has one, else the text encoder's)
     tokens, tokens_mask, target_mask (B, S)  decoder sequence: BOS + prompt + target + EOS
 
 The fusion sees image, audio and question tokens, never ``text``: that is the caption the decoder must
@@ -34,14 +35,16 @@ from mmstory.prompts import Prompts, scored_positions
 from mmstory.retrieval import RetrievalMemory
 from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
 
-# modality -> (batch key, mask key, encoder that reads it)
+# modality -> (batch key, mask key, encoder that reads it); a question is read by ``encoders.question`` where
+# the model has one (e.g. a frozen pretrained sentence encoder beside a caption tower trained from scratch)
 INPUTS = {
     "image": ("image", None, "image"),
     "audio": ("audio", "audio_mask", "audio"),
     "text": ("text_ids", "text_mask", "text"),
-    "question": ("question_ids", "question_mask", "text"),
+    "question": ("question_ids", "question_mask", "question"),
 }
 FUSED = ("image", "audio", "question")
+ENCODER_KEYS = {"image": "image", "text": "text", "audio": "audio", "question": "text"}  # key -> modality it reads
 
 
 class MultimodalModel(nn.Module):
@@ -53,12 +56,14 @@ class MultimodalModel(nn.Module):
             if not isinstance(enc, Encoder):
                 raise TypeError(f"encoder for '{name}' is a {type(enc).__name__}, not an mmstory.encoders.Encoder "
                                 f"(the interface the model, trainer and loader use)")
-            if name not in ("image", "text", "audio") or enc.modality != name:
+            if ENCODER_KEYS.get(name) != enc.modality:
                 raise ValueError(f"encoder for '{name}' reads '{enc.modality}' inputs; encoders must be keyed "
-                                 f"by the modality they read (image, text, audio)")
+                                 f"by the modality they read (image, text, audio; question: a text encoder)")
         self.encoders = nn.ModuleDict(encoders)
         self.token_proj = nn.ModuleDict({m: nn.Linear(e.width, dim) for m, e in encoders.items()})
-        self.embed_proj = nn.ModuleDict({m: nn.Linear(e.pooled_width, embed_dim, bias=False) for m, e in encoders.items()})
+        # a question has no contrastive embedding: it is only fused
+        self.embed_proj = nn.ModuleDict({m: nn.Linear(e.pooled_width, embed_dim, bias=False)
+                                         for m, e in encoders.items() if m != "question"})
         retrieval = config.retrieval if config is not None else None
         self.memory = RetrievalMemory(k=retrieval.k, max_tokens=retrieval.max_tokens, token_dim=decoder.tok.embedding_dim,
                                       dim=dim, layers=retrieval.layers, heads=retrieval.heads,
@@ -74,6 +79,8 @@ class MultimodalModel(nn.Module):
         self.tokenizer = tokenizer
         own = encoders["text"].tokenizer if "text" in encoders else None  # a text encoder may bring its own
         self.text_tokenizer = tokenizer if own is None else own
+        own = encoders["question"].tokenizer if "question" in encoders else None
+        self.question_tokenizer = own or self.text_tokenizer
         self.config = config
         # the decoder's task prompts, saved in the config: inference asks the way training taught
         self.prompts = config.prompts if config is not None else Prompts()
@@ -104,10 +111,20 @@ class MultimodalModel(nn.Module):
         """Run each encoder on the modalities present in ``batch``; outputs already in ``batch["features"]``
         (a frozen encoder's, from the trainer's ``FeatureCache``) are used as they are."""
         out = dict(batch.get("features", {}))
-        for modality, (key, mask_key, enc) in INPUTS.items():
+        for modality, (key, mask_key, _) in INPUTS.items():
+            enc = self.input_encoder(modality)
             if key in batch and enc in self.encoders and modality not in out:
                 out[modality] = self.encoders[enc](batch[key], batch.get(mask_key) if mask_key else None)
         return out
+
+    def input_encoder(self, modality: str) -> str:
+        """The name of the encoder that reads ``modality`` (a question: ``question`` if the model has one)."""
+        enc = INPUTS[modality][2]
+        return "text" if enc == "question" and "question" not in self.encoders else enc
+
+    @property
+    def question_max_len(self) -> int:
+        return self.encoders[self.input_encoder("question")].max_len
 
     def embed(self, feats: dict[str, EncoderOutput]) -> dict[str, torch.Tensor]:
         """L2-normalised contrastive embeddings (B, embed_dim) per encoded modality."""
@@ -124,7 +141,7 @@ class MultimodalModel(nn.Module):
         """Project fused-modality tokens to the model width and fuse them: {"tokens" (B, M, dim), "mask"}. With
         retrieval, the captions retrieved for the ``images`` follow the fused tokens (``exclude``: a sample key per
         row whose own datastore entry that row may not retrieve)."""
-        inputs = {m: (self.token_proj[INPUTS[m][2]](f.tokens), f.mask) for m, f in feats.items() if m in FUSED}
+        inputs = {m: (self.token_proj[self.input_encoder(m)](f.tokens), f.mask) for m, f in feats.items() if m in FUSED}
         if not inputs:
             raise ValueError(f"nothing to fuse: the batch has none of {FUSED} with an encoder "
                              f"(encoders: {list(self.encoders)})")
@@ -245,7 +262,7 @@ class MultimodalModel(nn.Module):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             cfg = dataclasses.replace(self.config) if self.config else ModelConfig()
-            cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder))
+            cfg.encoders = {m: Component(cfg.encoders[m].name, enc.checkpoint_args(folder, key=m))
                             for m, enc in self.encoders.items()}
             dec = self.decoder.args
             cfg.decoder = dataclasses.replace(cfg.decoder, dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],

@@ -156,7 +156,8 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     sources = {name: manifest.split(split) for name, split in splits.items()}
     return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
                               skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
-                              text_tokenizer=model.text_tokenizer, prompts=model.prompts, train=train, rank=rank,
+                              text_tokenizer=model.text_tokenizer, question_tokenizer=model.question_tokenizer,
+                              prompts=model.prompts, train=train, rank=rank,
                               world_size=world, **kwargs)
 
 
@@ -179,15 +180,16 @@ def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch
 
 def frozen_feature_cache(cfg: TrainConfig, model: MultimodalModel, verbose: bool) -> FeatureCache | None:
     """A ``FeatureCache`` for the encoders frozen whole whose inputs repeat exactly every epoch (no
-    augmentation), or None."""
-    frozen = [m for m in ("image", "audio") if f"encoders.{m}" in cfg.freeze and m in model.encoders]
+    augmentation; a question encoder's are keyed by the question), or None."""
+    frozen = [m for m in ("image", "audio", "question") if f"encoders.{m}" in cfg.freeze and m in model.encoders]
     if not (cfg.cache_frozen and frozen):
         return None
-    if cfg.data.loader.augment:
-        if verbose:
-            print(f"frozen {frozen} encoder(s) not cached: data.loader.augment is on, so inputs change every epoch")
-        return None
-    return FeatureCache(frozen)
+    if cfg.data.loader.augment:  # a question is cached by its content, media by the sample's key
+        if verbose and set(frozen) - {"question"}:
+            print(f"frozen {[m for m in frozen if m != 'question']} encoder(s) not cached: data.loader.augment is "
+                  f"on, so inputs change every epoch")
+        frozen = [m for m in frozen if m == "question"]
+    return FeatureCache(frozen) if frozen else None
 
 
 def init_weights(model: MultimodalModel, folder: str, device: torch.device, log=print) -> None:
@@ -245,6 +247,9 @@ def check_run_config(cfg: TrainConfig) -> None:
     if cfg.model.fuse_question and not cfg.data.loader.fuse_question:
         raise ConfigError("config key 'model.fuse_question' is recorded from 'data.loader.fuse_question' "
                          "(the loader makes the fused question); set data.loader.fuse_question: true instead")
+    if "question" in cfg.model.encoders and not cfg.data.loader.fuse_question:
+        raise ConfigError("config key 'model.encoders.question' reads the fused question, which the loader makes only "
+                         "with data.loader.fuse_question: true")
 
 
 def check_data(cfg: TrainConfig) -> None:

@@ -8,7 +8,7 @@ Batch format (B samples, L text tokens, S decoder tokens, T audio samples):
     audio_mask   bool (B, T)           True = real waveform sample (False = padding / no audio)
     text_ids     long (B, L)           one caption per sample, text tokenizer, [bos] .. [eos]
     text_mask    bool (B, L)
-    question_ids, question_mask        (B, L), only with cfg.fuse_question ("" for non-QA samples)
+    question_ids, question_mask        (B, L), only with cfg.fuse_question ("" for non-QA samples); question tokenizer
     tokens       long (B, S)           [bos] prompt " target" [eos], right-padded with pad_id
     tokens_mask  bool (B, S)
     target_mask  bool (B, S)           True exactly at the target tokens and the final eos
@@ -29,9 +29,13 @@ from mmstory.tokenizer import Tokenizer, pad_sequences
 
 
 def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Tokenizer | None = None, *,
-            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False) -> dict[str, Any]:
-    """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring)."""
+            max_text_len: int = 32, max_tokens: int = 48, fuse_question: bool = False,
+            question_tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Decoded samples (see ``SampleDecoder``) -> one padded batch (format in the module docstring).
+    ``question_tokenizer``: the fused question's (a model's question encoder may have its own; default: the
+    text tokenizer's)."""
     text_tokenizer = text_tokenizer or tokenizer
+    question_tokenizer = question_tokenizer or text_tokenizer
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     with_image = [("image" in s) for s in samples]
     if any(with_image):
@@ -47,7 +51,7 @@ def collate(samples: Sequence[dict], tokenizer: Tokenizer, text_tokenizer: Token
     batch["text_ids"], batch["text_mask"] = text_tokenizer.batch([s["caption"] for s in samples],
                                                                  max_len=max_text_len)  # (B, L)
     if fuse_question:
-        batch["question_ids"], batch["question_mask"] = text_tokenizer.batch(
+        batch["question_ids"], batch["question_mask"] = question_tokenizer.batch(
             [s.get("question", "") for s in samples], max_len=max_text_len)
     seqs, heads = zip(*(decoder_sequence(tokenizer, s["prompt"], s["target"], max_tokens) for s in samples))
     tokens, tokens_mask = pad_sequences(seqs, tokenizer.pad_id)  # (B, S)

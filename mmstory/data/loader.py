@@ -116,10 +116,11 @@ class ShardStream(IterableDataset):
     i-th yield is its i-th group and the round-robin order DataLoader relies on is kept)."""
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, *, tokenizer: Tokenizer,
-                 text_tokenizer: Tokenizer | None, train: bool, rank: int, world_size: int, epoch: int,
-                 prompts: Prompts, mean, std):
+                 text_tokenizer: Tokenizer | None, question_tokenizer: Tokenizer | None = None, train: bool,
+                 rank: int, world_size: int, epoch: int, prompts: Prompts, mean, std):
         self.shards, self.cfg, self.train = shards, cfg, train
         self.tokenizer, self.text_tokenizer = tokenizer, text_tokenizer or tokenizer
+        self.question_tokenizer = question_tokenizer or self.text_tokenizer
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.name = f"{len(shards)} shard(s) from {shards[0].url}"  # build_loader names the split
         self.verify_command = "mmstory data verify MANIFEST"         # ... and the manifest it came from
@@ -182,7 +183,8 @@ class ShardStream(IterableDataset):
             if index % 50 == 0:
                 stats.flush()
             yield collate(samples, self.tokenizer, self.text_tokenizer, max_text_len=cfg.max_text_len,
-                          max_tokens=cfg.max_tokens, fuse_question=cfg.fuse_question) if samples else None
+                          max_tokens=cfg.max_tokens, fuse_question=cfg.fuse_question,
+                          question_tokenizer=self.question_tokenizer) if samples else None
         stats.flush()
 
 
@@ -339,8 +341,9 @@ class Loader:
 
 
 def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
-                 text_tokenizer: Tokenizer | None = None, train: bool = True, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, skip_batches: int = 0, prompts: Prompts = Prompts(),
+                 text_tokenizer: Tokenizer | None = None, question_tokenizer: Tokenizer | None = None,
+                 train: bool = True, rank: int = 0, world_size: int = 1, epoch: int = 0, skip_batches: int = 0,
+                 prompts: Prompts = Prompts(),
                  mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                  name: str | None = None) -> Loader:
     """Batches for one DDP rank. ``shards_or_split``: a manifest ``SplitInfo`` or a list of shard
@@ -354,7 +357,8 @@ def build_loader(shards_or_split: Any, cfg: DataConfig, *, tokenizer: Tokenizer,
     shards = resolve_shards(shards_or_split)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
-    dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer, train=train,
+    dataset = ShardStream(shards, cfg, tokenizer=tokenizer, text_tokenizer=text_tokenizer,
+                          question_tokenizer=question_tokenizer, train=train,
                           rank=rank, world_size=world_size, epoch=epoch, prompts=prompts, mean=mean, std=std)
     name = name or getattr(shards_or_split, "name", None)
     if name:

@@ -52,7 +52,7 @@ class Encoder(nn.Module, ABC):
     Methods:
         forward(x, mask=None) -> EncoderOutput   abstract; shapes below
         set_grad_checkpointing(enable=True)      abstract: recompute activations in backward instead of keeping them
-        checkpoint_args(folder) -> dict          the arguments that rebuild the architecture from a saved model
+        checkpoint_args(folder, key) -> dict     the arguments that rebuild the architecture from a saved model
         resizable_mlps() -> list[MLP]            MLPs whose hidden width the ``mlp_ratio`` argument sets (pruning)
     """
 
@@ -83,11 +83,12 @@ class Encoder(nn.Module, ABC):
         """Trade compute for memory in training: keep only block inputs and recompute the rest in backward.
         Outputs and gradients stay the same."""
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         """The constructor arguments that rebuild this architecture (written to a saved model's config.yaml);
         the weights then come from the saved file. ``folder``: where the model is being saved, for encoders
-        that save files of their own there (a tokenizer). Default: the arguments as configured, less the
-        ones the model build injects (``INJECTED_ARGS``)."""
+        that save files of their own there (a tokenizer); ``key``: the model's name for this encoder (``text``,
+        ``question``...), so that two encoders of one model save their files apart. Default: the arguments as
+        configured, less the ones the model build injects (``INJECTED_ARGS``)."""
         return {k: v for k, v in self.args.items() if k not in INJECTED_ARGS}
 
     def resizable_mlps(self) -> list[MLP]:

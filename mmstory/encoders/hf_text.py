@@ -60,10 +60,11 @@ class HFTextEncoder(Encoder):
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return EncoderOutput(tokens, mask, pooled)
 
-    def checkpoint_args(self, folder) -> dict:
-        self.tokenizer.save(Path(folder) / "text_tokenizer")
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
+        name = f"{key or 'text'}_tokenizer"  # a model's text and question encoders keep their tokenizers apart
+        self.tokenizer.save(Path(folder) / name)
         config = json.loads(self.model.config.to_json_string())  # plain data for config.yaml
-        return {"config": config, "tokenizer_path": "text_tokenizer"}
+        return {"config": config, "tokenizer_path": name}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # transformers checkpoints each layer, in training mode only. Newer versions name the methods

@@ -49,7 +49,7 @@ class OpenCLIPVisualEncoder(Encoder):
         pooled, tokens = self.visual(x)
         return EncoderOutput(tokens, full_mask(tokens), pooled)
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         return {**self.args, "pretrained": None}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -87,7 +87,7 @@ class OpenCLIPTextEncoder(Encoder):
         pooled, tokens = self.text(full)
         return EncoderOutput(tokens[:, :L], mask, pooled)
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         return {**self.args, "pretrained": None}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -79,7 +79,7 @@ class TimmCNNEncoder(Encoder):
         tokens = fmap.flatten(2).transpose(1, 2)
         return EncoderOutput(tokens, full_mask(tokens), pooled)
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         return {**self.args, "pretrained": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -110,7 +110,7 @@ class TimmViTEncoder(Encoder):
         pooled = self.model.forward_head(tokens, pre_logits=True)
         return EncoderOutput(tokens, full_mask(tokens), pooled)
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         return {**self.args, "pretrained": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -53,7 +53,7 @@ class TorchvisionResNetEncoder(Encoder):
         tokens = x.flatten(2).transpose(1, 2)
         return EncoderOutput(tokens, full_mask(tokens), tokens.mean(1))
 
-    def checkpoint_args(self, folder) -> dict:
+    def checkpoint_args(self, folder, key: str | None = None) -> dict:
         return {**self.args, "pretrained": False}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
