@@ -152,6 +152,19 @@ class RetrievalConfig:
 
 
 @dataclass
+class QuestionBankConfig:
+    """Questions asked as the nearest training question (mmstory/question_bank.py), built from the training splits'
+    questions and data.loader.wordings' train rewordings when ``encoder`` names a sentence encoder."""
+    encoder: str = ""         # an hf_text path ("package:all_minilm_l6_v2", a folder); "" turns the bank off
+    threshold: float = 0.5    # least cosine similarity to the nearest training question for it to be asked instead
+
+    def __post_init__(self):
+        _require(isinstance(self.encoder, str), "encoder", self.encoder, "a string")
+        _require(_is_number(self.threshold) and -1 <= self.threshold <= 1, "threshold", self.threshold,
+                 "a number in [-1, 1]")
+
+
+@dataclass
 class ModelConfig:
     dim: int = 256        # width of the fused tokens the decoder cross-attends to
     embed_dim: int = 256  # contrastive embedding width
@@ -170,6 +183,7 @@ class ModelConfig:
     # data.loader.fuse_question, so a saved model answers the way it was trained)
     fuse_question: bool = False
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    question_bank: QuestionBankConfig = field(default_factory=QuestionBankConfig)
     # the decoder's task prompts (mmstory/prompts.py), saved with the model: inference asks as training taught
     prompts: Prompts = field(default_factory=Prompts)
     # set by `mmstory compress quantize` (mmstory/compress/quantize.py): "int8" -- the linear layers hold int8

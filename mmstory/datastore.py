@@ -1,5 +1,6 @@
-"""Fill a model's retrieval memory (``mmstory/retrieval.py``) from a training split: the datastore that
-retrieval-augmented captioning reads (SmallCap's), built once before training and saved with the model."""
+"""Fill a model's memories from its training data, once before training; both are saved with the model:
+the retrieval datastore (``mmstory/retrieval.py``) that retrieval-augmented captioning reads (SmallCap's), and the
+question bank (``mmstory/question_bank.py``) that answers other wordings as the training questions."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -8,8 +9,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mmstory.data.loader import build_loader, fit_to_encoders
-from mmstory.data.transforms import strings
+from mmstory.data.shards import iter_tar, resolve_shards
+from mmstory.data.stats import SilentStats
+from mmstory.data.transforms import qa_items, strings
+from mmstory.data.wordings import Wordings
 from mmstory.evaluate import eval_data_config
+from mmstory.question_bank import QuestionBank
 
 
 @torch.no_grad()
@@ -45,3 +50,39 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None =
         raise ValueError("no captioned image samples to build the retrieval datastore from")
     model.memory.fill(torch.cat(keys), texts, names, model.tokenizer)
     return len(texts)
+
+
+def training_questions(splits, *, progress: bool = True) -> list[str]:
+    """The distinct questions of the QA items of ``splits`` (manifest splits or shard lists), in order of first
+    appearance; only each sample's json is parsed."""
+    import json
+
+    seen: dict[str, None] = {}
+    shards = [shard for split in splits for shard in resolve_shards(split)]
+    for shard in tqdm(shards, desc="training questions", disable=not progress, unit="shard"):
+        for sample in iter_tar(shard.url, SilentStats()):
+            try:
+                meta = json.loads(sample.get("json", b"{}"))
+            except ValueError:
+                continue  # the loader counts bad samples; here they have no question to give
+            for item in qa_items(meta if isinstance(meta, dict) else {}):
+                seen.setdefault(item["question"], None)
+    return list(seen)
+
+
+def build_question_bank(model, splits, *, wordings: Wordings | None = None, progress: bool = True) -> int:
+    """Set ``model.question_bank`` from the questions of the training ``splits`` and, for each one that matches a
+    pattern of ``wordings``, its train rewordings (never the held-out ones), with the pattern's slot values.
+    ``model.config.question_bank`` names the sentence encoder and the threshold. Returns the number of entries."""
+    cfg = model.config.question_bank
+    entries = []
+    for question in training_questions(splits, progress=progress):
+        found = wordings.match(question) if wordings is not None else None
+        if found is None:
+            entries.append((question, question, None))
+            continue
+        pattern, slots = found
+        values = list(slots.values())
+        entries += [(text, question, values) for text in (question, *(t.format(**slots) for t in pattern.train))]
+    model.question_bank = QuestionBank(entries, encoder=cfg.encoder, threshold=cfg.threshold)
+    return len(entries)

@@ -171,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = evaluate(model, source, tasks=tasks, max_samples=args.max_samples,
                            decode=DecodeOptions(num_beams=args.beams, max_new_tokens=args.max_new_tokens),
                            batch_size=args.batch_size, data=data, name=name, reference=reference,
-                           wordings=wordings, fuse_question=args.fuse_question, progress=not args.quiet)
+                           wordings=wordings, fuse_question=args.fuse_question, progress=not args.quiet,
+                           question_bank=args.question_bank)
         report = write_report(results, out / name, images=args.examples)
         all_metrics[name] = {"num_samples": results["num_samples"], "metrics": results["metrics"]}
         print(f"{name}: {results['num_samples']} samples -> {report}")
@@ -296,6 +297,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
                    "manifest or MANIFEST.json:SPLIT; 'none' for no baselines (default: the manifest's train split)")
     p.add_argument("--wordings", help="a wordings YAML (data_manifests/emoji/wordings.yaml): also ask the QA in its "
                    "held-out wordings")
+    p.add_argument("--question-bank", action=argparse.BooleanOptionalAction, default=True,
+                   help="a model with a question bank asks each question as the nearest training question "
+                        "(default); --no-question-bank asks as written")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _decode_args(p)
     p.set_defaults(func=cmd_eval)

@@ -46,8 +46,8 @@ from mmstory.data.stats import read_counts, report as report_line
 from mmstory.data.wordings import Wordings
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, qa_items, strings
 from mmstory.generation import DecodeOptions
-from mmstory.inference import (DEFAULT_TEMPLATES, class_embeddings, embed_texts, fuses_question, generate_text,
-                               require_encoder, take_rows)
+from mmstory.inference import (DEFAULT_TEMPLATES, asked_as_trained, class_embeddings, embed_texts, fuses_question,
+                               generate_text, require_encoder, take_rows)
 from mmstory.metrics import caption_scores, retrieval_recall, vqa_accuracy, zero_shot_accuracy
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
              device: str | torch.device | None = None, progress: bool = True, name: str | None = None,
              reference: Reference | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
              every: int = 1, labels: Iterable[str] = (), leave_one_out: bool = False,
-             qa_decode: DecodeOptions | None = None, seed: int = 0) -> dict:
+             qa_decode: DecodeOptions | None = None, seed: int = 0, question_bank: bool = True) -> dict:
     """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths), with the
     baselines and diagnostics that say what the metrics mean.
 
@@ -167,6 +167,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
             (a seeded derangement): caption loss, captions and answers (``image_dependence``); the majority and
             chance baselines; caption diversity and label accuracy.
         wordings: ask every question a second time in a held-out wording (``qa.heldout_wording``).
+        question_bank: a model with a question bank asks each question as the nearest training question
+            (``inference.asked_as_trained``; the held-out wording's record then has ``asked_as``); False: as written.
         every: evaluate about one sample in ``every`` (a fixed subset spread over the split, chosen by key:
             e.g. a training split's, for the model's fit).
         labels: further labels a caption may name (e.g. every label of the training split), beside those of
@@ -202,6 +204,9 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     qa_options = dataclasses.asdict(qa_decode or decode)
     prompts = model.prompts
     need_embeds = "retrieval" in tasks or "zeroshot" in tasks or reference is not None
+
+    def asked(questions: list[str]) -> list[str]:
+        return asked_as_trained(model, questions) if question_bank else list(questions)
 
     def answers(inputs: dict, questions: list[str]) -> list[str]:
         return generate_text(model, inputs, [prompts.question(q) for q in questions], batch_size=batch_size,
@@ -281,17 +286,20 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                     for media, field in ((inputs, "prediction"), (shuffled, "prediction_shuffled")):
                         if media is not None:
                             sub = take_rows(media, index)
-                            for (_, q), p in zip(pairs, answers(sub, questions)):
+                            for (_, q), p in zip(pairs, answers(sub, asked(questions))):
                                 q[field] = p
                     if wordings is not None:
-                        asked = [(k, wordings.heldout(q["question"], random.Random(
+                        reworded = [(k, wordings.heldout(q["question"], random.Random(
                             stable_seed("wording", seed, recs[j]["key"], q["question"]))))
                             for k, (j, q) in enumerate(pairs)]
-                        asked = [(k, text) for k, text in asked if text]
-                        if asked:
-                            sub = take_rows(inputs, [index[k] for k, _ in asked])
-                            for (k, text), p in zip(asked, answers(sub, [t for _, t in asked])):
-                                pairs[k][1]["heldout"] = {"question": text, "prediction": p}
+                        reworded = [(k, text) for k, text in reworded if text]
+                        if reworded:
+                            sub = take_rows(inputs, [index[k] for k, _ in reworded])
+                            texts = [t for _, t in reworded]
+                            as_trained = asked(texts)
+                            for (k, text), p, a in zip(reworded, answers(sub, as_trained), as_trained):
+                                pairs[k][1]["heldout"] = {"question": text, "prediction": p,
+                                                          **({"asked_as": a} if a != text else {})}
             if shuffled is not None:
                 got = _caption_loss(model, batch, rows, inputs, shuffled)
                 if got:

@@ -373,13 +373,21 @@ def fuses_question(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "fuse_question", False))
 
 
+def asked_as_trained(model: "MultimodalModel", questions: Sequence[str]) -> list[str]:
+    """The questions to ask ``model``: with a question bank (``model.config.question_bank``), each one as the
+    nearest question it was trained on where one is close enough (mmstory/question_bank.py); else unchanged."""
+    bank = getattr(model, "question_bank", None)
+    return list(questions) if bank is None else bank.ask_as(questions)
+
+
 def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=None, audio=None,
            sample_rate: int | None = None, audio_seconds: float | None = None, fuse_question: bool | None = None,
            batch_size: int = 32, device: str | torch.device | None = None, **decode) -> str | list[str]:
     """Answer ``question`` about an image, an audio clip, or both, with the model's QA prompt
     (``model.prompts.qa``, by default ``question: {question} answer:``). One question for one input returns a
-    str; otherwise a list, with a single question or a single input broadcast over the other. ``fuse_question`` (default: as the model was
-    trained) also gives the question to the fusion."""
+    str; otherwise a list, with a single question or a single input broadcast over the other. ``fuse_question``
+    (default: as the model was trained) also gives the question to the fusion. A model with a question bank asks
+    each question as the nearest training question (``asked_as_trained``)."""
     if fuse_question is None:
         fuse_question = fuses_question(model)
     _on_device(model, device)
@@ -395,7 +403,8 @@ def answer(model: "MultimodalModel", *, question: str | Sequence[str], image=Non
         questions = questions * n
     elif len(questions) != n:
         raise ValueError(f"{len(questions)} questions for {n} inputs")
-    out = generate_text(model, inputs, [model.prompts.question(q.strip()) for q in questions],
+    questions = asked_as_trained(model, [q.strip() for q in questions])
+    out = generate_text(model, inputs, [model.prompts.question(q) for q in questions],
                         batch_size=batch_size, fuse_question=questions if fuse_question else None, **decode)
     return out[0] if isinstance(question, str) and n == 1 else out
 

@@ -32,6 +32,7 @@ from mmstory.fusion import FUSIONS
 from mmstory.generation import DecodeOptions, generate
 from mmstory.losses import LOSSES
 from mmstory.prompts import Prompts, scored_positions
+from mmstory.question_bank import QuestionBank
 from mmstory.retrieval import RetrievalMemory
 from mmstory.tokenizer import Tokenizer, build_tokenizer, pad_sequences
 
@@ -85,6 +86,9 @@ class MultimodalModel(nn.Module):
         # the decoder's task prompts, saved in the config: inference asks the way training taught
         self.prompts = config.prompts if config is not None else Prompts()
         self.frozen: list[str] = []  # submodule names set by ``freeze`` (a training choice, not saved)
+        # training questions to ask in place of other wordings (mmstory/question_bank.py); filled from the training
+        # data (mmstory.datastore.build_question_bank) and saved with the model, like the retrieval datastore
+        self.question_bank: QuestionBank | None = None
 
     # ---------------------------------------------------------------- freezing
     def freeze(self, names: list[str]) -> None:
@@ -279,6 +283,9 @@ class MultimodalModel(nn.Module):
             if self.memory is not None:
                 writing = folder / "memory.safetensors"
                 self.memory.save(folder)
+            if self.question_bank is not None:
+                writing = folder / "question_bank.json"
+                self.question_bank.save(folder)
         except Exception as e:  # OSError(ENOSPC), or safetensors' "... (os error 28)"
             if is_disk_full(e):
                 raise UserError(f"no space left on device while writing {getattr(e, 'filename', None) or writing}") from e
@@ -361,4 +368,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             raise UserError(f"{folder / 'memory.safetensors'} is not a readable safetensors file: {e}") from None
         except FileNotFoundError as e:
             raise ModelFolderError(str(e)) from None
+    if (folder / "question_bank.json").is_file():
+        try:
+            model.question_bank = QuestionBank.load(folder)
+        except (SafetensorError, FileNotFoundError, ValueError, KeyError) as e:
+            raise UserError(f"{folder}: the question bank (question_bank.json / .safetensors) cannot be read: "
+                            f"{e}") from None
     return model.eval()

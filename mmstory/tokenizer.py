@@ -114,7 +114,9 @@ class BPETokenizer(Tokenizer):
 
     def save(self, folder) -> dict:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.path, Path(folder) / "tokenizer.json")
+        target = Path(folder) / "tokenizer.json"
+        if not (target.exists() and target.samefile(self.path)):  # a model saved back into its own folder
+            shutil.copyfile(self.path, target)
         return {"kind": "bpe", "path": "tokenizer.json"}
 
 

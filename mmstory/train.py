@@ -39,7 +39,8 @@ from mmstory.config import ConfigError, TrainConfig, load_config, to_dict
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
 from mmstory.data.loader import build_mixed_loader, fit_to_encoders
 from mmstory.data.stats import read_counts
-from mmstory.datastore import build_datastore
+from mmstory.data.wordings import Wordings
+from mmstory.datastore import build_datastore, build_question_bank
 from mmstory.feature_cache import FeatureCache
 from mmstory.model import MultimodalModel, build_model, load
 from mmstory.schedule import Budget, Schedule
@@ -413,6 +414,12 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
         n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
                             autocast=autocast, progress=is_main)
         log(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
+    if cfg.model.question_bank.encoder:  # other wordings are asked as the nearest training question
+        manifest = load_manifest(cfg.data.manifest)
+        wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None
+        n = build_question_bank(model, [manifest.split(s) for s in cfg.data.train.values()], wordings=wordings,
+                                progress=is_main)
+        log(f"question bank: {n} training questions and rewordings of {', '.join(cfg.data.train.values())}")
     wrapped, fsdp = wrap(model, cfg, world, resumed=last is not None)
     # the LambdaLR multiplies each param group's own base lr (optim.lr_mult) by the schedule's factor
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor, last_epoch=position["step"] - 1)
@@ -733,7 +740,6 @@ def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit
     majority, chance, shuffled media) and the model's fit on its training images; write metrics JSON, a
     report per split and ``report/summary.md``. ``fit_labels``: the fit split's labels, when the caller has
     read them already (the trainer does, for the fit logged at each validation)."""
-    from mmstory.data.wordings import Wordings
     from mmstory.evaluate import comparison_table, evaluate, reference_bank, split_labels, write_report
     from mmstory.generation import DecodeOptions
 
