@@ -7,8 +7,8 @@ every distinct training question with a pretrained sentence encoder's embedding 
 pip package: a model that knows *kind* means *type*). A question is replaced by the dataset wording of its
 nearest bank entry (cosine of mean-pooled embeddings) when
 
-- that entry asks the same kind of question: both start with an auxiliary verb ("is", "does", "can", ...: a
-  yes/no question) or neither does;
+- that entry asks the same kind of question: both are yes/no questions (they start with an auxiliary verb, "is",
+  "does", "can"..., and ask no wh-question inside, as "can you tell me what this shows?" does) or neither is;
 - the entry's slot values (the ``{category}``, ``{thing}`` ... of its wordings pattern) occur in the question as
   words, so "is this a dog?" is never asked as "is this an animal?";
 - and the similarity is at least ``threshold``.
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 AUXILIARIES = frozenset("is are am was were does do did can could would will has have had should shall may might "
                         "must".split())
+WH_WORDS = frozenset("what which who whom whose where when why how".split())
 FILES = ("question_bank.json", "question_bank.safetensors")
 
 
@@ -41,8 +42,10 @@ def normalise(question: str) -> str:
 
 
 def asks_yes_no(question: str) -> bool:
-    words = normalise(question).split()
-    return bool(words) and words[0] in AUXILIARIES
+    """Starts with an auxiliary verb and asks no wh-question inside ("can you tell me what this shows?" asks
+    what, not whether)."""
+    words = re.findall(r"[a-z]+", normalise(question))
+    return bool(words) and words[0] in AUXILIARIES and not WH_WORDS.intersection(words)
 
 
 def names(question: str, value: str) -> bool:

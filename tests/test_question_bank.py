@@ -35,6 +35,7 @@ def bank(minilm_path):
 def test_helpers():
     assert normalise("  What's  THIS?? ") == "what's this"
     assert asks_yes_no("Is there a cat?") and asks_yes_no("can you see food") and not asks_yes_no("which one is it?")
+    assert not asks_yes_no("Can you tell me what this shows?")  # an indirect wh-question
     assert names("Does this count as Food & Drink?", "food & drink") and names("is there an animal here", "an animal")
     assert not names("is this foodie?", "food") and not names("is this a plant?", "an animal")
 
@@ -46,9 +47,9 @@ def test_training_questions_and_their_rewordings_are_asked_as_the_dataset_wordin
 
 def test_other_wordings_are_asked_as_the_nearest_training_question(bank):
     asked = bank.ask_as(["What kind of emoji is it?", "What's in this picture?", "Is there an animal here?",
-                         "Does this count as food & drink?", "can you see food?"])
+                         "Does this count as food & drink?", "can you see food?", "can you tell me what this shows?"])
     assert asked == ["which category is this?", "what is shown?", "is this an animal?",
-                     "is this in the food & drink category?", "is this food?"]
+                     "is this in the food & drink category?", "is this food?", "what is shown?"]
 
 
 def test_a_question_is_never_asked_as_one_about_something_else_or_of_another_kind(bank):
