@@ -75,7 +75,7 @@ class CoCaAdapter(nn.Module):
 
         super().__init__()
         self.coca = coca
-        self.tokenizer = self.text_tokenizer = tokenizer
+        self.tokenizer = self.text_tokenizer = self.question_tokenizer = tokenizer
         self.encoders = {"image": SimpleNamespace(preprocess=preprocess), "text": SimpleNamespace(max_len=context_length)}
         self.decoder = SimpleNamespace(max_len=context_length)
         self.prompts = Prompts()  # CoCa is trained with the same default prompts as the mmstory arm
