@@ -127,3 +127,32 @@ def test_a_held_out_wording_record_says_what_was_asked(minilm_path, tmp_path):
     assert held and any("asked_as" in h for h in held)
     assert all(h.get("asked_as", h["question"]) in [e[1] for e in _entries()] + [h["question"]] for h in held)
     assert not any("asked_as" in q["heldout"] for r in off for q in r["qa"] if "heldout" in q)
+
+
+def test_the_served_answer_says_which_training_question_was_asked(minilm_path):
+    pytest.importorskip("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from conftest import tiny_config
+    from mmstory.config import TokenizerSpec
+    from mmstory.model import build_model
+    from mmstory.serve.app import ServeSettings, create_app
+
+    cfg = tiny_config(audio=False)
+    cfg.tokenizer = TokenizerSpec("bpe", str(ROOT / "data_manifests/emoji/tokenizer.json"))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.question_bank = QuestionBank(_entries(), encoder=minilm_path)
+    image = torch.rand(3, 32, 32)
+    buf = io.BytesIO()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(buf, format="PNG")
+    with TestClient(create_app(model, ServeSettings(max_batch=4, max_wait_ms=5))) as client:
+        replies = {q: client.post("/v1/answer", files={"image": ("a.png", buf.getvalue(), "image/png")},
+                                  data={"question": q, "max_new_tokens": "3"}).json()
+                   for q in ("What kind of emoji is it?", "which category is this?", "is this a dog?")}
+    assert replies["What kind of emoji is it?"]["asked_as"] == "which category is this?"
+    assert replies["What kind of emoji is it?"]["answer"] == replies["which category is this?"]["answer"]
+    assert replies["which category is this?"]["asked_as"] is None and replies["is this a dog?"]["asked_as"] is None

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from mmstory.inference import asked_as_trained
 from mmstory.serve.batcher import DynamicBatcher, QueueFull
 from mmstory.serve.service import DECODE_FIELDS, BadInput, Decode, Limits, Service
 
@@ -71,6 +72,7 @@ class AnswerResponse(BaseModel):
     answer: str
     decode: dict
     timings: Timings
+    asked_as: str | None = None  # the training question the model was asked instead (its question bank), if any
 
 
 class EmbedResponse(BaseModel):
@@ -285,7 +287,9 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
         payload["question"] = question
         options = service.fit_decode(options, service.model.prompts.question(question))
         text, timings = await run("answer", payload, options, t0, time.perf_counter())
-        return {"question": question, "answer": text, "decode": asdict(options), "timings": timings}
+        asked = (await run_in_threadpool(asked_as_trained, service.model, [question]))[0]
+        return {"question": question, "answer": text, "decode": asdict(options), "timings": timings,
+                "asked_as": asked if asked != question else None}
 
     async def one_query(image, audio, text) -> dict:
         given = [n for n, v in (("image", image), ("audio", audio), ("text", text)) if v is not None]
