@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from mmstory.data.loader import build_loader, fit_to_encoders
+from mmstory.data.loader import build_loader, fit_to_encoders, model_text_args
 from mmstory.data.shards import iter_tar, resolve_shards
 from mmstory.data.stats import SilentStats
 from mmstory.data.transforms import qa_items, strings
@@ -28,8 +28,7 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None =
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
-    loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False, **norm)
+    loader = build_loader(split_or_urls, cfg, **model_text_args(model), train=False, **norm)
     keys, texts, names = [], [], []
     for batch in tqdm(loader, desc="datastore", disable=not progress, unit="batch"):
         if "image" not in batch:

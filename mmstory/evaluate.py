@@ -41,7 +41,7 @@ from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_
                                nn_captions, nn_classes, nn_text_scores, pixel_features)
 from mmstory.data.manifest import check_shards
 from mmstory.config import DataConfig
-from mmstory.data.loader import build_loader, fit_to_encoders, stable_seed
+from mmstory.data.loader import build_loader, fit_to_encoders, model_text_args, stable_seed
 from mmstory.data.stats import read_counts, report as report_line
 from mmstory.data.wordings import Wordings
 from mmstory.data.transforms import DEFAULT_MEAN, DEFAULT_STD, qa_items, strings
@@ -197,9 +197,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     cfg = dataclasses.replace(cfg, subsample=every)
     batch_size = cfg.batch_size
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
-    loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False,
-                          mean=mean, std=std)
+    loader = build_loader(split_or_urls, cfg, **model_text_args(model), train=False, mean=mean, std=std)
     options = dataclasses.asdict(decode)
     qa_options = dataclasses.asdict(qa_decode or decode)
     prompts = model.prompts
@@ -282,11 +280,11 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                 pairs = [(j, q) for j, r in enumerate(recs) for q in r["qa"]]
                 if pairs:
                     index = [j for j, _ in pairs]
-                    questions = [q["question"] for _, q in pairs]
+                    questions = asked([q["question"] for _, q in pairs])
                     for media, field in ((inputs, "prediction"), (shuffled, "prediction_shuffled")):
                         if media is not None:
                             sub = take_rows(media, index)
-                            for (_, q), p in zip(pairs, answers(sub, asked(questions))):
+                            for (_, q), p in zip(pairs, answers(sub, questions)):
                                 q[field] = p
                     if wordings is not None:
                         reworded = [(k, wordings.heldout(q["question"], random.Random(
@@ -489,9 +487,7 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     mean, std = norm.get("mean", DEFAULT_MEAN), norm.get("std", DEFAULT_STD)
-    loader = build_loader(split_or_urls, cfg, tokenizer=model.tokenizer, text_tokenizer=model.text_tokenizer,
-                          question_tokenizer=model.question_tokenizer, prompts=model.prompts, train=False,
-                          mean=mean, std=std)
+    loader = build_loader(split_or_urls, cfg, **model_text_args(model), train=False, mean=mean, std=std)
     try:
         total = len(loader)
     except TypeError:

@@ -37,7 +37,7 @@ from mmstory.compress.distill import Distiller
 from mmstory.compress.prune import prune, save_masks
 from mmstory.config import ConfigError, TrainConfig, load_config, to_dict
 from mmstory.data.manifest import ManifestError, check_shards, load_manifest
-from mmstory.data.loader import build_mixed_loader, fit_to_encoders
+from mmstory.data.loader import build_mixed_loader, fit_to_encoders, model_text_args
 from mmstory.data.stats import read_counts
 from mmstory.data.wordings import Wordings
 from mmstory.datastore import build_datastore, build_question_bank
@@ -156,10 +156,8 @@ def build_data(cfg: TrainConfig, model: MultimodalModel, *, splits: dict[str, st
     loader_cfg, kwargs = fit_to_encoders(loader_cfg, model.encoders)
     sources = {name: manifest.split(split) for name, split in splits.items()}
     return build_mixed_loader(sources, {n: weights.get(n, 1.0) for n in sources}, loader_cfg,
-                              skip_batches=skip_batches, epoch=epoch, tokenizer=model.tokenizer,
-                              text_tokenizer=model.text_tokenizer, question_tokenizer=model.question_tokenizer,
-                              prompts=model.prompts, train=train, rank=rank,
-                              world_size=world, **kwargs)
+                              skip_batches=skip_batches, epoch=epoch, **model_text_args(model), train=train,
+                              rank=rank, world_size=world, **kwargs)
 
 
 def unsharded(core: MultimodalModel, cfg: TrainConfig, fsdp: bool, device: torch.device) -> MultimodalModel:
@@ -185,11 +183,11 @@ def frozen_feature_cache(cfg: TrainConfig, model: MultimodalModel, verbose: bool
     frozen = [m for m in ("image", "audio", "question") if f"encoders.{m}" in cfg.freeze and m in model.encoders]
     if not (cfg.cache_frozen and frozen):
         return None
-    if cfg.data.loader.augment:  # a question is cached by its content, media by the sample's key
-        if verbose and set(frozen) - {"question"}:
-            print(f"frozen {[m for m in frozen if m != 'question']} encoder(s) not cached: data.loader.augment is "
-                  f"on, so inputs change every epoch")
-        frozen = [m for m in frozen if m == "question"]
+    media = [m for m in frozen if m != "question"]  # cached by the sample's key; a question by its content
+    if cfg.data.loader.augment and media:
+        if verbose:
+            print(f"frozen {media} encoder(s) not cached: data.loader.augment is on, so inputs change every epoch")
+        frozen = [m for m in frozen if m not in media]
     return FeatureCache(frozen) if frozen else None
 
 
@@ -410,12 +408,12 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
     if is_main:  # after restore's checks: a refused resume leaves the run's config as it was
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
+    manifest = load_manifest(cfg.data.manifest)
     if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
-        n = build_datastore(model, load_manifest(cfg.data.manifest).split(fit_split(cfg)), data=cfg.data.loader,
-                            autocast=autocast, progress=is_main)
+        n = build_datastore(model, manifest.split(fit_split(cfg)), data=cfg.data.loader, autocast=autocast,
+                            progress=is_main)
         log(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
     if cfg.model.question_bank.encoder:  # other wordings are asked as the nearest training question
-        manifest = load_manifest(cfg.data.manifest)
         wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None
         n = build_question_bank(model, [manifest.split(s) for s in cfg.data.train.values()], wordings=wordings,
                                 progress=is_main)
@@ -431,7 +429,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
         if cfg.report.fit_samples:
             from mmstory.evaluate import split_labels
 
-            fit_labels = split_labels(load_manifest(cfg.data.manifest).split(fit_split(cfg)))
+            fit_labels = split_labels(manifest.split(fit_split(cfg)))
         writer = SummaryWriter(str(out_dir / "tensorboard"))
     stream = BatchStream(cfg, model, rank=rank, world=world, epoch=position["epoch"],
                          batch_in_epoch=position["batch_in_epoch"], verbose=is_main)

@@ -71,6 +71,13 @@ def fit_to_encoders(cfg: DataConfig, encoders: Any) -> tuple[DataConfig, dict]:
     return cfg, norm
 
 
+def model_text_args(model: Any) -> dict:
+    """The ``build_loader`` arguments a model dictates besides its encoders' (``fit_to_encoders``): the decoder's,
+    text encoder's and question encoder's tokenizers, and the prompts it was trained with."""
+    return {"tokenizer": model.tokenizer, "text_tokenizer": model.text_tokenizer,
+            "question_tokenizer": model.question_tokenizer, "prompts": model.prompts}
+
+
 def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from any printable values; unlike ``hash()`` it is the same in every process."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1

@@ -284,10 +284,10 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
         t0 = time.perf_counter()
         question = service.check_question(question)
         payload = await media(image, audio)
-        payload["question"] = question
-        options = service.fit_decode(options, service.model.prompts.question(question))
+        # the question bank's choice, made once here: the worker's answer() finds it in the bank as it is
+        payload["question"] = asked = (await run_in_threadpool(asked_as_trained, service.model, [question]))[0]
+        options = service.fit_decode(options, service.model.prompts.question(asked))
         text, timings = await run("answer", payload, options, t0, time.perf_counter())
-        asked = (await run_in_threadpool(asked_as_trained, service.model, [question]))[0]
         return {"question": question, "answer": text, "decode": asdict(options), "timings": timings,
                 "asked_as": asked if asked != question else None}
 
