@@ -10,7 +10,8 @@ nearest training image in raw pixels scores 1.1. So ``evaluate`` reports, beside
   ranking scores a text by its best-matching reference image among those that carry that text; zero-shot
   takes the nearest reference image whose label is one of the split's classes. Two similarities:
   ``pixel_nn``: raw pixels, 32x32 (area-averaged), mean-centred per image, cosine; ``embedding_nn``: the
-  model's own contrastive image embedding.
+  model's own contrastive image embedding. For audio samples (against a reference of training clips) the raw
+  input is the log-mel (``logmel_nn``: resampled to 16 frames, mean-centred per clip, cosine).
 - **majority**: the most common training answer of each question type, the most common training caption.
 - **chance**: R@1 of a random ranking, 1 / classes for zero-shot.
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 PIXEL_SIZE = 32  # the pixel baseline's resolution
+LOGMEL_FRAMES = 16  # the log-mel baseline's length in frames
 
 
 # ---------------------------------------------------------------------------------------------- text keys
@@ -84,6 +86,22 @@ def pixel_features(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
 
 
+def logmel_features(wave: torch.Tensor, mask: torch.Tensor | None, logmel, frames: int = LOGMEL_FRAMES
+                    ) -> torch.Tensor:
+    """Waveforms (N, T) with their sample mask -> the log-mel baseline's features (N, n_mels * frames), the
+    audio counterpart of ``pixel_features``: the clip's log-mel (``logmel``, e.g. the audio encoder's front end)
+    over its real samples only, resampled in time to ``frames`` frames (so a long and a short saying of the same
+    word line up), mean-centred per clip, L2-normalised."""
+    n = wave.shape[1] if mask is None else None
+    mel = logmel(wave.float() if mask is None else wave.float() * mask)  # (N, F, n_mels)
+    counts = logmel.frames(torch.full((wave.shape[0],), n) if mask is None else mask.sum(1).cpu())
+    rows = []
+    for m, c in zip(mel, counts.clamp(min=1, max=mel.shape[1]).tolist()):
+        m = F.interpolate(m[:c].T[None], size=frames, mode="linear", align_corners=False)[0]  # (n_mels, frames)
+        rows.append((m - m.mean()).flatten())
+    return F.normalize(torch.stack(rows), dim=1)
+
+
 # ---------------------------------------------------------------------------------------------- reference
 @dataclass
 class Reference:
@@ -91,10 +109,11 @@ class Reference:
     and question/answer pairs. Built by ``mmstory.evaluate.reference_bank``."""
 
     name: str
-    features: dict[str, torch.Tensor]          # "pixel_nn" / "embedding_nn" -> (N, D), L2-normalised rows
+    features: dict[str, torch.Tensor]          # "pixel_nn" or "logmel_nn", "embedding_nn" -> (N, D), L2-normalised
     captions: list[list[str]]                  # (N,) reference captions of each sample
     labels: list[str | None]                   # (N,)
     qa: list[list[dict]]                       # (N,) [{question, answers, type}]
+    modality: str = "image"                    # the reference samples' modality (image: pixel_nn; audio: logmel_nn)
     by_question: dict[str, list[tuple[int, str]]] = field(init=False)  # question -> [(sample, answer)]
     majority_answer: dict[str, str] = field(init=False)                # question type -> answer
     majority_caption: str | None = field(init=False)

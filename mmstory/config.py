@@ -130,7 +130,8 @@ class DecoderConfig:
 @dataclass
 class RetrievalConfig:
     """Retrieval-augmented decoding (mmstory/retrieval.py): the captions of the k training images nearest to an
-    image (by the frozen image encoder's pooled features) join the decoder's memory."""
+    image (by the frozen image encoder's pooled features) join the decoder's memory; with ``audio``, those of the
+    k training clips nearest to a clip (by their log-mel) too."""
     k: int = 0                # neighbours retrieved; 0 turns retrieval off
     captions: int = 1         # captions per datastore entry (an image's first N, joined by "; ")
     max_tokens: int = 12      # tokens kept of each retrieved entry
@@ -140,6 +141,10 @@ class RetrievalConfig:
     colour: float = 0.0       # weight of the coarse colour layout in the key similarity (0: image features only)
     colour_size: int = 16     # the layout's resolution (colour_size x colour_size)
     copy: bool = False        # a pointer over the retrieved tokens, gated with the vocabulary (decoder.CopyHead)
+    audio: int = 0            # audio samples retrieve too (from the training clips), keyed by their log-mel
+                              # resampled to this many frames; 0: only images retrieve
+    media_dropout: float = 0.0  # training: probability that a sample's image / audio tokens are hidden from the
+                              # decoder, which then decodes from the retrieved captions (and the question) alone
 
     def __post_init__(self):
         _count("k", self.k)
@@ -149,6 +154,8 @@ class RetrievalConfig:
         _require(_is_number(self.keep_self) and 0 <= self.keep_self <= 1, "keep_self", self.keep_self,
                  "a number in [0, 1]")
         _require(_is_number(self.colour) and self.colour >= 0, "colour", self.colour, ">= 0")
+        _count("audio", self.audio)
+        _fraction("media_dropout", self.media_dropout)
 
 
 @dataclass

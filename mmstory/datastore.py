@@ -1,5 +1,5 @@
 """Fill a model's memories from its training data, once before training; both are saved with the model:
-the retrieval datastore (``mmstory/retrieval.py``) that retrieval-augmented captioning reads (SmallCap's), and the
+the retrieval datastores (``mmstory/retrieval.py``) that retrieval-augmented captioning reads (SmallCap's), and the
 question bank (``mmstory/question_bank.py``) that answers other wordings as the training questions."""
 from __future__ import annotations
 
@@ -19,36 +19,48 @@ from mmstory.question_bank import QuestionBank
 
 @torch.no_grad()
 def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None = None, autocast=None,
-                    progress: bool = True) -> int:
-    """Fill ``model.memory`` from a (training) split: per image sample, the frozen image encoder's pooled
-    features (evaluation transforms: the same input the image gets in training without augmentation) and its
-    first ``retrieval.captions`` captions joined by "; ", keyed by the sample key. Returns the number of entries."""
+                    progress: bool = True) -> dict[str, int]:
+    """Fill ``model.memory`` from a (training) split: per captioned image sample, the frozen image encoder's pooled
+    features (evaluation transforms: the same input the image gets in training without augmentation), and, when
+    the model's clips retrieve too (``retrieval.audio``), per captioned audio sample its log-mel key; each with its
+    first ``retrieval.captions`` captions joined by "; ", keyed by the sample key. A modality the split has
+    replaces that modality's datastore; the others are kept (so an image split and an audio split fill both).
+    Returns the number of entries per modality filled."""
     if model.memory is None:
         raise ValueError("this model has no retrieval memory (model.retrieval.k is 0)")
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
     loader = build_loader(split_or_urls, cfg, **model_text_args(model), train=False, **norm)
-    keys, texts, names = [], [], []
+    found: dict[str, tuple[list, list, list]] = {}  # modality -> (keys, texts, names)
     for batch in tqdm(loader, desc="datastore", disable=not progress, unit="batch"):
-        if "image" not in batch:
-            continue
-        rows = [i for i in range(len(batch["__key__"])) if "image_mask" not in batch or batch["image_mask"][i]]
-        captions = {i: strings(batch["meta"][i].get("captions")) for i in rows}
-        rows = [i for i in rows if captions[i]]
-        if not rows:
-            continue
-        images = batch["image"][rows].to(model.device)
-        with (autocast or nullcontext)():
-            pooled = model.encoders["image"](images).pooled
-        keys.append(model.retrieval_key(pooled, images))
-        texts += ["; ".join(captions[i][:model.config.retrieval.captions]) for i in rows]
-        names += [batch["__key__"][i] for i in rows]
+        for modality in model.memory.modalities:
+            if modality not in batch:
+                continue
+            present = batch.get(f"{modality}_mask")
+            rows = [i for i in range(len(batch["__key__"])) if present is None or present[i].any()]
+            captions = {i: strings(batch["meta"][i].get("captions")) for i in rows}
+            rows = [i for i in rows if captions[i]]
+            if not rows:
+                continue
+            keys, texts, names = found.setdefault(modality, ([], [], []))
+            if modality == "image":
+                images = batch["image"][rows].to(model.device)
+                with (autocast or nullcontext)():
+                    pooled = model.encoders["image"](images).pooled
+                keys.append(model.retrieval_key(pooled, images))
+            else:
+                keys.append(model.audio_retrieval_key(batch["audio"][rows].to(model.device),
+                                                      batch["audio_mask"][rows].to(model.device)))
+            texts += ["; ".join(captions[i][:model.config.retrieval.captions]) for i in rows]
+            names += [batch["__key__"][i] for i in rows]
     model.train(was_training)
-    if not keys:
-        raise ValueError("no captioned image samples to build the retrieval datastore from")
-    model.memory.fill(torch.cat(keys), texts, names, model.tokenizer)
-    return len(texts)
+    if not found:
+        raise ValueError(f"no captioned {' or '.join(model.memory.modalities)} samples to build the retrieval "
+                         f"datastore from")
+    for modality, (keys, texts, names) in found.items():
+        model.memory.fill(torch.cat(keys), texts, names, model.tokenizer, modality)
+    return {modality: len(texts) for modality, (_, texts, _) in found.items()}
 
 
 def training_questions(splits, *, progress: bool = True) -> list[str]:

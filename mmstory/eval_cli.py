@@ -129,29 +129,36 @@ def _eval_sources(data: list[str], splits: list[str] | None) -> list[tuple[str, 
     return [("data", data)]
 
 
-def _reference(args: argparse.Namespace, model, data) -> object | None:
-    """The nearest-neighbour reference bank: ``--reference`` (a split of the ``--data`` manifest, or a manifest
-    JSON's split as PATH:SPLIT); by default the manifest's ``train`` split when it has one."""
+def _reference(args: argparse.Namespace, model, data) -> list:
+    """The nearest-neighbour reference banks: ``--reference`` (a split of the ``--data`` manifest, or a manifest
+    JSON's split as PATH:SPLIT; by default the manifest's ``train`` split when it has one) and, for a model with an
+    audio encoder, ``--audio-reference`` (by default the manifest's ``audio_train`` split when it has one)."""
     from mmstory.data.manifest import load_manifest
     from mmstory.evaluate import reference_bank
 
-    if args.reference == "none":
-        return None
-    manifest_path, split = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".json") else None, args.reference
-    if split and ":" in split and split.rsplit(":", 1)[0].endswith(".json"):
-        manifest_path, split = split.rsplit(":", 1)
-    if manifest_path is None:
-        if split:
-            raise UserError("--reference SPLIT needs --data to be a manifest JSON (or give MANIFEST.json:SPLIT)")
-        return None
-    manifest = load_manifest(manifest_path)
-    if split is None:
-        if "train" not in manifest.splits:
-            return None
-        split = "train"
-    if split not in manifest.splits:
-        raise UserError(f"--reference: {manifest_path} has no split {split!r} (splits: {', '.join(manifest.splits)})")
-    return reference_bank(model, manifest.split(split), data=data, name=split, progress=not args.quiet)
+    manifest_path = args.data[0] if len(args.data) == 1 and args.data[0].endswith(".json") else None
+    out = []
+    for option, given, default, modality in (("--reference", args.reference, "train", "image"),
+                                              ("--audio-reference", args.audio_reference, "audio_train", "audio")):
+        if given == "none" or (modality == "audio" and "audio" not in model.encoders):
+            continue
+        path, split = manifest_path, given
+        if split and ":" in split and split.rsplit(":", 1)[0].endswith(".json"):
+            path, split = split.rsplit(":", 1)
+        if path is None:
+            if split:
+                raise UserError(f"{option} SPLIT needs --data to be a manifest JSON (or give MANIFEST.json:SPLIT)")
+            continue
+        manifest = load_manifest(path)
+        if split is None:
+            if default not in manifest.splits:
+                continue
+            split = default
+        if split not in manifest.splits:
+            raise UserError(f"{option}: {path} has no split {split!r} (splits: {', '.join(manifest.splits)})")
+        out.append(reference_bank(model, manifest.split(split), data=data, name=split, progress=not args.quiet,
+                                  modality=modality))
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -295,6 +302,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
                    help="give questions to the fusion too (default: as the model was trained, from its config)")
     p.add_argument("--reference", help="training split for the nearest-neighbour baselines: a split of the --data "
                    "manifest or MANIFEST.json:SPLIT; 'none' for no baselines (default: the manifest's train split)")
+    p.add_argument("--audio-reference", help="training split of clips for the audio nearest-neighbour baselines "
+                   "(log-mel, the model's audio embedding), as --reference; 'none' for none (default: the manifest's "
+                   "audio_train split, for a model with an audio encoder)")
     p.add_argument("--wordings", help="a wordings YAML (data_manifests/emoji/wordings.yaml): also ask the QA in its "
                    "held-out wordings")
     p.add_argument("--question-bank", action=argparse.BooleanOptionalAction, default=True,

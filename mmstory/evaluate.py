@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmstory.baselines import (LabelMatcher, Reference, chance_recall, distinct_fraction, nearest, nn_answers,
-                               nn_captions, nn_classes, nn_text_scores, pixel_features)
+                               nn_captions, nn_classes, nn_text_scores, logmel_features, pixel_features)
 from mmstory.data.manifest import check_shards
 from mmstory.config import DataConfig
 from mmstory.data.loader import build_loader, fit_to_encoders, model_text_args, stable_seed
@@ -145,7 +145,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
              templates: Sequence[str] = DEFAULT_TEMPLATES,
              fuse_question: bool | None = None, meteor: bool | None = None, keep_images: int = 16,
              device: str | torch.device | None = None, progress: bool = True, name: str | None = None,
-             reference: Reference | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
+             reference: Reference | Sequence[Reference] | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
              every: int = 1, labels: Iterable[str] = (), leave_one_out: bool = False,
              qa_decode: DecodeOptions | None = None, seed: int = 0, question_bank: bool = True) -> dict:
     """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths), with the
@@ -161,8 +161,9 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         fuse_question: also give questions to the fusion; None = as the model was trained (its config).
         meteor: compute METEOR (needs Java); None = when Java is available.
         keep_images: how many sample images to keep (uint8 thumbnails) for ``write_report``.
-        reference: a training split's ``Reference`` (``reference_bank``): adds the nearest-neighbour
-            baselines (``baselines.pixel_nn``, ``baselines.embedding_nn``) for image samples.
+        reference: a training split's ``Reference`` (``reference_bank``), or one per modality: adds the
+            nearest-neighbour baselines, for image samples ``baselines.pixel_nn`` and ``baselines.embedding_nn``,
+            for audio samples (from an audio reference) ``baselines.logmel_nn`` and ``baselines.embedding_nn``.
         diagnostics: the model with each sample's media replaced by another sample's of the same batch
             (a seeded derangement): caption loss, captions and answers (``image_dependence``); the majority and
             chance baselines; caption diversity and label accuracy.
@@ -182,6 +183,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     ``metrics``."""
     if fuse_question is None:
         fuse_question = fuses_question(model)
+    nn_refs = {} if reference is None else {r.modality: r for r in ([reference] if isinstance(reference, Reference)
+                                                                  else reference)}
     unknown = sorted(set(tasks) - set(EVAL_TASKS))
     if unknown:
         raise ValueError(f"unknown evaluation task(s) {unknown}; valid tasks: {', '.join(EVAL_TASKS)}")
@@ -201,7 +204,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     options = dataclasses.asdict(decode)
     qa_options = dataclasses.asdict(qa_decode or decode)
     prompts = model.prompts
-    need_embeds = "retrieval" in tasks or "zeroshot" in tasks or reference is not None
+    need_embeds = "retrieval" in tasks or "zeroshot" in tasks or bool(nn_refs)
 
     def asked(questions: list[str]) -> list[str]:
         return asked_as_trained(model, questions) if question_bank else list(questions)
@@ -220,7 +223,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
     spread = max(1, min(max_samples or math.inf, (total or 0) * batch_size) // max(keep_images, 1))
     records: list[dict] = []
     embeds: dict[str, list[torch.Tensor]] = defaultdict(list)  # modality -> (n, E) chunks, in record order
-    pixels: list[torch.Tensor] = []  # pixel-baseline features of the image records, in order
+    raw: dict[str, list[torch.Tensor]] = defaultdict(list)  # raw-input baseline features per modality, in order
     images: dict[str, np.ndarray] = {}
     seen_keys: dict[str, int] = {}
     losses = [0.0, 0.0, 0]  # caption loss summed over target tokens: true media, shuffled media, tokens
@@ -261,8 +264,11 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                     images[key] = _thumbnail(inputs["image"][j], mean, std)
             if need_embeds:
                 embeds[modality].append(model.embed_inputs(inputs)[modality].float().cpu())
-            if reference is not None and modality == "image":
-                pixels.append(pixel_features(inputs["image"], mean, std).cpu())
+            if "image" in nn_refs and modality == "image":
+                raw["image"].append(pixel_features(inputs["image"], mean, std).cpu())
+            if "audio" in nn_refs and modality == "audio":
+                raw["audio"].append(logmel_features(inputs["audio"], inputs.get("audio_mask"),
+                                                    model.encoders["audio"].logmel).cpu())
             if "caption" in tasks:
                 with_refs = [j for j, r in enumerate(recs) if r["references"]]
                 if with_refs:
@@ -308,7 +314,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
         raise ValueError(f"no samples to evaluate in {_split_name(split_or_urls)}")
 
     metrics: dict[str, Any] = {}
-    known = {r["label"] for r in records if r["label"]} | (reference.known_labels() if reference else set()) \
+    known = {r["label"] for r in records if r["label"]} | {x for r in nn_refs.values() for x in r.known_labels()} \
         | set(labels)
     matcher = LabelMatcher(known) if known else None
     if "caption" in tasks:
@@ -342,8 +348,7 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                     metrics["zeroshot" + suffix] = result
     if diagnostics:
         metrics["image_dependence"] = _dependence(records, losses, matcher)
-        metrics["baselines"] = _baselines(records, reference, matcher, pixels, torch.cat(embeds["image"])
-                                          if reference is not None and embeds.get("image") else None, tasks)
+        metrics["baselines"] = _baselines(records, nn_refs, matcher, raw, embeds, tasks)
     if was_training:
         model.train()
     data_counts = read_counts(loader.stats, complete=max_samples is None or len(records) < max_samples)
@@ -395,20 +400,31 @@ def _dependence(records: list[dict], losses: list, matcher: LabelMatcher | None)
     return out
 
 
-def _baselines(records: list[dict], reference: Reference | None, matcher: LabelMatcher | None,
-               pixels: list[torch.Tensor], image_embeds: torch.Tensor | None, tasks: Sequence[str]) -> dict:
-    """Nearest-neighbour transfer from ``reference`` (pixels, the model's embedding), majority and chance."""
+RAW_NN = {"image": "pixel_nn", "audio": "logmel_nn"}  # the raw-input nearest-neighbour baseline of each modality
+
+
+def _baselines(records: list[dict], refs: Mapping[str, Reference], matcher: LabelMatcher | None,
+               raw: Mapping[str, list[torch.Tensor]], embeds: Mapping[str, list[torch.Tensor]],
+               tasks: Sequence[str]) -> dict:
+    """Nearest-neighbour transfer from each modality's reference (raw input: pixels or log-mel; the model's
+    embedding), majority and chance."""
     out: dict[str, Any] = {}
     capped = [r for r in records if r["references"]]
     qs = [q for r in records for q in r["qa"]]
-    if reference is not None:
-        images = [r for r in records if r["modality"] == "image"]
-        queries = {"pixel_nn": torch.cat(pixels) if pixels else None, "embedding_nn": image_embeds}
-        for name, query in queries.items():
-            if query is None or name not in reference.features or not images:
+    for modality, ref in refs.items():
+        media = [r for r in records if r["modality"] == modality]
+        if not media:
+            continue
+        queries = {RAW_NN[modality]: torch.cat(raw[modality]) if raw.get(modality) else None,
+                   "embedding_nn": torch.cat(embeds[modality]) if embeds.get(modality) else None}
+        for feature, query in queries.items():
+            if query is None or feature not in ref.features:
                 continue
-            sim = nearest(query, reference.features[name])  # (Q, N) in the order of ``images``
-            out[name] = _transfer(images, reference, sim, matcher, tasks)
+            sim = nearest(query, ref.features[feature])  # (Q, N) in the order of ``media``
+            # (a split of both modalities: the second one's embedding baseline is named by its modality)
+            out[feature if feature not in out else f"{feature}_{modality}"] = _transfer(media, ref, sim, matcher, tasks)
+    # the majority comes from the reference of the split's (first) modality, else from the split itself
+    reference = next((refs[r["modality"]] for r in records if r["modality"] in refs), None)
     majority: dict[str, Any] = {}
     if capped and reference is not None and reference.majority_caption and "caption" in tasks:
         majority["caption"] = caption_metrics([{**r, "nn": reference.majority_caption} for r in capped], "nn", matcher)
@@ -436,7 +452,8 @@ def _baselines(records: list[dict], reference: Reference | None, matcher: LabelM
 
 def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: LabelMatcher | None,
               tasks: Sequence[str]) -> dict:
-    """One nearest-neighbour baseline's caption, QA, image->text and zero-shot scores on ``images``."""
+    """One nearest-neighbour baseline's caption, QA, media->text and zero-shot scores on ``images`` (the records
+    of one modality)."""
     out: dict[str, Any] = {}
     rows = [i for i, r in enumerate(images) if r["references"]]
     if rows and "caption" in tasks:
@@ -451,7 +468,7 @@ def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: La
         for i in rows:
             positives.append(list(range(len(texts), len(texts) + len(images[i]["references"]))))
             texts += images[i]["references"]
-        out["retrieval"] = {"image_to_text": retrieval_recall(nn_text_scores(ref, sim[rows], texts), positives)}
+        out["retrieval"] = {f"{images[0]['modality']}_to_text": retrieval_recall(nn_text_scores(ref, sim[rows], texts), positives)}
     labelled = [i for i, r in enumerate(images) if r["label"]]
     if labelled and "zeroshot" in tasks:
         classes = sorted({images[i]["label"] for i in labelled})
@@ -480,9 +497,13 @@ def split_labels(split_or_urls: Any) -> set[str]:
 
 @torch.no_grad()
 def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataConfig | None = None,
-                   batch_size: int | None = None, progress: bool = True, name: str | None = None) -> Reference:
-    """One pass over a (training) split with the evaluation transforms: each image sample's pixel-baseline
-    features and model image embedding, captions, label and QA, for the nearest-neighbour baselines."""
+                   batch_size: int | None = None, progress: bool = True, name: str | None = None,
+                   modality: str = "image") -> Reference:
+    """One pass over a (training) split with the evaluation transforms: each ``modality`` sample's raw-input
+    baseline features (image: ``pixel_features``; audio: ``logmel_features`` through the audio encoder's front end)
+    and model embedding, captions, label and QA, for the nearest-neighbour baselines."""
+    if modality not in RAW_NN:
+        raise ValueError(f"reference_bank: modality must be one of {', '.join(RAW_NN)}, not {modality!r}")
     was_training = model.training
     model.eval()
     cfg, norm = fit_to_encoders(eval_data_config(model, data, batch_size), model.encoders)
@@ -496,14 +517,18 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
     captions, labels, qa = [], [], []
     for batch in tqdm(loader, total=total, desc=f"reference {name or _split_name(split_or_urls)}",
                       disable=not progress, unit="batch"):
-        for modality, rows, inputs in _groups(batch):
-            if modality != "image":
+        for found, rows, inputs in _groups(batch):
+            if found != modality:
                 continue
-            require_encoder(model, "image")
-            feats["pixel_nn"].append(pixel_features(inputs["image"], mean, std))
-            if "image" in model.embed_proj:
-                feats["embedding_nn"].append(model.embed_inputs({"image": inputs["image"].to(model.device)})["image"]
-                                             .float().cpu())
+            require_encoder(model, modality)
+            if modality == "image":
+                feats["pixel_nn"].append(pixel_features(inputs["image"], mean, std))
+            else:
+                feats["logmel_nn"].append(logmel_features(inputs["audio"], inputs.get("audio_mask"),
+                                                          model.encoders["audio"].logmel).cpu())
+            if modality in model.embed_proj:
+                feats["embedding_nn"].append(model.embed_inputs({k: v.to(model.device) for k, v in inputs.items()})
+                                             [modality].float().cpu())
             for i in rows:
                 meta = batch["meta"][i]
                 captions.append(strings(meta.get("captions")) or list(batch["references"][i]))
@@ -512,9 +537,9 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
     if was_training:
         model.train()
     if not captions:
-        raise ValueError(f"no image samples in the reference split {name or _split_name(split_or_urls)}")
+        raise ValueError(f"no {modality} samples in the reference split {name or _split_name(split_or_urls)}")
     return Reference(name=name or _split_name(split_or_urls), features={k: torch.cat(v) for k, v in feats.items()},
-                     captions=captions, labels=labels, qa=qa)
+                     captions=captions, labels=labels, qa=qa, modality=modality)
 
 
 def _retrieval(model, recs: list[dict], media: torch.Tensor, modality: str, batch_size: int) -> dict | None:
@@ -591,7 +616,9 @@ def _get(metrics: Mapping, path: str) -> Any:
 def comparison_table(metrics: Mapping) -> list[str]:
     """Markdown rows: each headline number of the model beside the same number for the model with shuffled
     media and for the baselines (empty where not measured)."""
-    columns = [("model", ""), ("model, media shuffled", "image_dependence"), ("pixel NN", "baselines/pixel_nn"),
+    raw = "logmel_nn" if "logmel_nn" in (_get(metrics, "baselines") or {}) else "pixel_nn"
+    columns = [("model", ""), ("model, media shuffled", "image_dependence"),
+               ("log-mel NN" if raw == "logmel_nn" else "pixel NN", f"baselines/{raw}"),
                ("embedding NN", "baselines/embedding_nn"), ("majority", "baselines/majority"),
                ("chance", "baselines/chance")]
     retrieval = next((k for k in metrics.get("retrieval", {}) if k.endswith("_to_text")), "image_to_text")
@@ -614,8 +641,8 @@ def comparison_table(metrics: Mapping) -> list[str]:
         for qtype in sorted(_get(metrics, "qa/heldout_wording/per_type") or {}):
             rows.append((f"VQA, held-out wordings: {qtype}", [f"qa/heldout_wording/per_type/{qtype}"] + [None] * 5))
     rows += [(f"{retrieval.replace('_to_', '->')} R@1", [f"retrieval/{retrieval}/R@1", None,
-                                                        "{b}/retrieval/image_to_text/R@1",
-                                                        "{b}/retrieval/image_to_text/R@1", None,
+                                                        f"{{b}}/retrieval/{retrieval}/R@1",
+                                                        f"{{b}}/retrieval/{retrieval}/R@1", None,
                                                         "baselines/chance/retrieval_R@1"]),
              ("zero-shot top-1", ["zeroshot/top1", None, "{b}/zeroshot/top1", "{b}/zeroshot/top1", None,
                                   "baselines/chance/zeroshot_top1"])]

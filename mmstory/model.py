@@ -68,10 +68,14 @@ class MultimodalModel(nn.Module):
         retrieval = config.retrieval if config is not None else None
         self.memory = RetrievalMemory(k=retrieval.k, max_tokens=retrieval.max_tokens, token_dim=decoder.tok.embedding_dim,
                                       dim=dim, layers=retrieval.layers, heads=retrieval.heads,
-                                      colour=retrieval.colour, colour_size=retrieval.colour_size) \
+                                      colour=retrieval.colour, colour_size=retrieval.colour_size,
+                                      audio=retrieval.audio) \
             if retrieval and retrieval.k else None
         if self.memory is not None and "image" not in encoders:
             raise ValueError("model.retrieval needs an image encoder: its keys are the image encoder's features")
+        if self.memory is not None and self.memory.audio_frames and not hasattr(encoders.get("audio"), "logmel"):
+            raise ValueError("model.retrieval.audio needs an audio encoder with a log-mel front end (audio_transformer): "
+                             "audio keys are its log-mel")
         self.fusion = fusion
         self.decoder = decoder
         self.losses = nn.ModuleDict({n: loss for n, (loss, _) in losses.items()})
@@ -140,19 +144,37 @@ class MultimodalModel(nn.Module):
         pre = self.encoders["image"].preprocess
         return self.memory.key(pooled, images, pre["mean"], pre["std"])
 
+    def audio_retrieval_key(self, wave: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The retrieval key of clips (model.retrieval.audio): their log-mel through the audio encoder's front end."""
+        return self.memory.audio_key(wave, mask, self.encoders["audio"].logmel)
+
     def fuse(self, feats: dict[str, EncoderOutput], exclude: list[str] | None = None,
-             images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             media: dict | None = None) -> dict[str, torch.Tensor]:
         """Project fused-modality tokens to the model width and fuse them: {"tokens" (B, M, dim), "mask"}. With
-        retrieval, the captions retrieved for the ``images`` follow the fused tokens (``exclude``: a sample key per
-        row whose own datastore entry that row may not retrieve)."""
+        retrieval, the captions retrieved for the images (or, with ``retrieval.audio``, the clips) follow the fused
+        tokens (``media``: the batch's raw ``image`` / ``audio`` + ``audio_mask``, which a colour layout or an
+        audio key is computed from; ``exclude``: a sample key per row whose own datastore entry that row may not
+        retrieve)."""
         inputs = {m: (self.token_proj[self.input_encoder(m)](f.tokens), f.mask) for m, f in feats.items() if m in FUSED}
         if not inputs:
             raise ValueError(f"nothing to fuse: the batch has none of {FUSED} with an encoder "
                              f"(encoders: {list(self.encoders)})")
+        hidden = self._media_dropout(inputs)
+        if hidden is not None:  # these rows decode from the retrieved captions (and the question) alone
+            inputs = {m: (t, mask & ~hidden[:, None]) if m in ("image", "audio") else (t, mask)
+                      for m, (t, mask) in inputs.items()}
         fused = self.fusion(inputs)
+        media = media or {}
+        query = None
         if self.memory is not None and "image" in feats:
-            query = self.retrieval_key(feats["image"].pooled, images)
-            tokens, mask, ids = self.memory(query, self.decoder.tok, exclude)
+            modality, query = "image", self.retrieval_key(feats["image"].pooled, media.get("image"))
+        elif self.memory is not None and self.memory.audio_frames and "audio" in feats:
+            if media.get("audio") is None:
+                raise ValueError("this model's clips retrieve captions by their log-mel (model.retrieval.audio): "
+                                 "fuse needs the waveforms (media['audio']), not only their features")
+            modality, query = "audio", self.audio_retrieval_key(media["audio"], media.get("audio_mask"))
+        if query is not None:
+            tokens, mask, ids = self.memory(query, self.decoder.tok, exclude, modality)
             fused = {**fused, "tokens": torch.cat([fused["tokens"], tokens], 1),
                      "mask": torch.cat([fused["mask"], mask], 1)}
             if self.decoder.copy is not None:  # the decoder may copy the retrieved tokens (the last of its memory)
@@ -178,7 +200,7 @@ class MultimodalModel(nn.Module):
         feats = self.encode(batch)
         out: dict = {"embeds": self.embed(feats)}
         if "tokens" in batch:
-            fused = self.fuse(feats, exclude=self._exclude(batch), images=batch.get("image"))
+            fused = self.fuse(feats, exclude=self._exclude(batch), media=batch)
             if "target_mask" in batch and not (full_logits or torch.compiler.is_compiling()):
                 scored, is_prompt = scored_positions(batch, with_prompt=self.prompt_scored)  # (B, S - 1)
                 if self.prompt_scored:  # a loss also scores the prompt tokens
@@ -203,6 +225,16 @@ class MultimodalModel(nn.Module):
                              f"losses configured: {list(self.losses)}")
         out["loss"] = total
         return out
+
+    def _media_dropout(self, inputs: dict) -> torch.Tensor | None:
+        """Training with retrieval and ``retrieval.media_dropout``: (B,) rows whose image / audio tokens the decoder
+        does not see, drawn from the torch RNG (so resumed runs draw the same); None when nothing is hidden."""
+        p = self.config.retrieval.media_dropout if self.memory is not None and self.training else 0.0
+        media = [m for m in ("image", "audio") if m in inputs]
+        if not p or not media:
+            return None
+        rows = inputs[media[0]][1].shape[0]
+        return torch.rand(rows).to(inputs[media[0]][1].device) < p
 
     def _exclude(self, batch: dict) -> list[str] | None:
         """Training with retrieval: each image may not retrieve its own datastore entry, except with probability
@@ -241,7 +273,7 @@ class MultimodalModel(nn.Module):
         ``options`` are ``DecodeOptions`` fields (max_new_tokens, num_beams, do_sample, top_k, ...);
         ``exclude``: per row, a datastore entry (sample key) retrieval may not return (leave-one-out)."""
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        fused = self.fuse(self.encode(inputs), exclude=exclude, images=inputs.get("image"))
+        fused = self.fuse(self.encode(inputs), exclude=exclude, media=inputs)
         B = fused["tokens"].shape[0]
         prompts = self.prompts.caption if prompts is None else prompts
         prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)

@@ -240,6 +240,9 @@ def validation_losses(model, cfg: TrainConfig, device, autocast) -> dict[str, fl
 # ---------------------------------------------------------------------------------------------- the loop
 def check_run_config(cfg: TrainConfig) -> None:
     """Config errors that need more than one key to see, raised before anything is built or written."""
+    if cfg.model.retrieval.k and cfg.model.retrieval.audio and "audio" not in cfg.data.train:
+        raise ConfigError("config key 'model.retrieval.audio' > 0 needs an audio training split (data.train.audio): "
+                          "the clips' datastore is built from it")
     if cfg.model.retrieval.k and "encoders.image" not in cfg.freeze:
         raise ConfigError("config key 'model.retrieval.k' > 0 needs a frozen image encoder (freeze: [encoders.image]): "
                          "retrieval keys are its features, computed once")
@@ -410,9 +413,11 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
 
     manifest = load_manifest(cfg.data.manifest)
     if model.memory is not None:  # the captions retrieval reads, keyed by the frozen image encoder's features
-        n = build_datastore(model, manifest.split(fit_split(cfg)), data=cfg.data.loader, autocast=autocast,
-                            progress=is_main)
-        log(f"retrieval datastore: {n} captioned images of {fit_split(cfg)}")
+        sources = [fit_split(cfg)] + ([cfg.data.train["audio"]] if cfg.model.retrieval.audio else [])
+        for split in sources:  # (with retrieval.audio, also the training clips', keyed by their log-mel)
+            n = build_datastore(model, manifest.split(split), data=cfg.data.loader, autocast=autocast,
+                                progress=is_main)
+            log(f"retrieval datastore: {', '.join(f'{v} captioned {m} samples' for m, v in n.items())} of {split}")
     if cfg.model.question_bank.encoder:  # other wordings are asked as the nearest training question
         wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None
         n = build_question_bank(model, [manifest.split(s) for s in cfg.data.train.values()], wordings=wordings,
@@ -745,7 +750,10 @@ def final_report(model: MultimodalModel, cfg: TrainConfig, out_dir: Path, *, fit
     manifest = load_manifest(cfg.data.manifest)
     decode = DecodeOptions(num_beams=cfg.report.num_beams, max_new_tokens=cfg.report.max_new_tokens)
     ref_split = cfg.report.reference_split or fit_split(cfg)
-    reference = reference_bank(model, manifest.split(ref_split), data=cfg.data.loader, name=ref_split)
+    reference = [reference_bank(model, manifest.split(ref_split), data=cfg.data.loader, name=ref_split)]
+    if "audio" in cfg.data.train and "audio" in model.encoders:  # the clips' baselines: the nearest training clip
+        reference.append(reference_bank(model, manifest.split(cfg.data.train["audio"]), data=cfg.data.loader,
+                                        name=cfg.data.train["audio"], modality="audio"))
     wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None
     results = {}
     for split in cfg.data.val:

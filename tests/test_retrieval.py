@@ -67,21 +67,21 @@ def test_model_with_retrieval_builds_saves_and_loads_its_datastore(tmp_path):
     model = build_model(cfg).eval()
     with pytest.raises(RuntimeError, match="datastore is empty"):
         mmstory.caption(model, torch.zeros(1, 3, 32, 32), max_new_tokens=3)
-    assert build_datastore(model, [shard], data=DataConfig(workers=0), progress=False) == 8
-    assert model.memory.names == [f"t{i}" for i in range(8)] and model.memory.texts[1] == LABELS[1]
+    assert build_datastore(model, [shard], data=DataConfig(workers=0), progress=False) == {"image": 8}
+    assert model.memory.store().names == [f"t{i}" for i in range(8)] and model.memory.store().texts[1] == LABELS[1]
     image = _glyph(1, 99)
     before = mmstory.caption(model, image, max_new_tokens=5)
     model.save(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "memory.json").read_text())["texts"] == model.memory.texts
+    assert json.loads((tmp_path / "m" / "memory.json").read_text())["texts"] == model.memory.store().texts
     loaded = mmstory.load(tmp_path / "m")
     assert mmstory.caption(loaded, image, max_new_tokens=5) == before
-    torch.testing.assert_close(loaded.memory.keys, model.memory.keys, atol=1e-3, rtol=1e-3)  # stored as fp16
+    torch.testing.assert_close(loaded.memory.store().keys, model.memory.store().keys, atol=1e-3, rtol=1e-3)  # stored as fp16
     (tmp_path / "m" / "memory.json").unlink()
     with pytest.raises(FileNotFoundError, match="memory.safetensors, memory.json"):
         mmstory.load(tmp_path / "m")
     model.config.retrieval.captions = 2  # entries: the first two captions joined
     build_datastore(model, [shard], data=DataConfig(workers=0), progress=False)
-    assert model.memory.texts[1] == f"{LABELS[1]}; an emoji of a {LABELS[1]}"
+    assert model.memory.store().texts[1] == f"{LABELS[1]}; an emoji of a {LABELS[1]}"
 
 
 def test_training_excludes_each_images_own_entry():
