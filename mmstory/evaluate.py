@@ -145,7 +145,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
              templates: Sequence[str] = DEFAULT_TEMPLATES,
              fuse_question: bool | None = None, meteor: bool | None = None, keep_images: int = 16,
              device: str | torch.device | None = None, progress: bool = True, name: str | None = None,
-             reference: Reference | Sequence[Reference] | None = None, diagnostics: bool = True, wordings: Wordings | None = None,
+             reference: Reference | Sequence[Reference] | None = None, diagnostics: bool = True,
+             wordings: Wordings | None = None,
              every: int = 1, labels: Iterable[str] = (), leave_one_out: bool = False,
              qa_decode: DecodeOptions | None = None, seed: int = 0, question_bank: bool = True) -> dict:
     """Metrics and per-sample predictions on a split (a manifest ``SplitInfo`` or shard URLs/paths), with the
@@ -468,7 +469,8 @@ def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: La
         for i in rows:
             positives.append(list(range(len(texts), len(texts) + len(images[i]["references"]))))
             texts += images[i]["references"]
-        out["retrieval"] = {f"{images[0]['modality']}_to_text": retrieval_recall(nn_text_scores(ref, sim[rows], texts), positives)}
+        scores = nn_text_scores(ref, sim[rows], texts)
+        out["retrieval"] = {f"{images[0]['modality']}_to_text": retrieval_recall(scores, positives)}
     labelled = [i for i, r in enumerate(images) if r["label"]]
     if labelled and "zeroshot" in tasks:
         classes = sorted({images[i]["label"] for i in labelled})
@@ -721,9 +723,10 @@ def write_report(results: dict, out_dir: str | os.PathLike, images: int | Mappin
              f"{results.get('num_samples', len(preds))} samples ({', '.join(results.get('modalities', []))})."
              + _data_line(results.get("data")), "",
              "## The model beside its baselines", ""] + (comparison_table(results["metrics"]) or ["(none measured)"]) + [
-             "", "Pixel / embedding NN: the caption, answers and label of the most similar training image (raw 32x32 "
-             "pixels; the model's image embedding). Media shuffled: every sample's image or audio replaced by another "
-             "sample's of its batch; a model that uses its input loses clearly there.", "",
+             "", "Pixel / log-mel / embedding NN: the caption, answers and label of the most similar training image "
+             "or clip (raw 32x32 pixels; a clip's log-mel resampled to 16 frames; the model's embedding). Media "
+             "shuffled: every sample's image or audio replaced by another sample's of its batch; a model that uses its "
+             "input loses clearly there.", "",
              "## Metrics", ""] + _metric_tables(results["metrics"]) + ["## Examples", ""]
     shown = [r for r in examples if r["key"] in pictures]
     if shown:

@@ -74,8 +74,8 @@ class MultimodalModel(nn.Module):
         if self.memory is not None and "image" not in encoders:
             raise ValueError("model.retrieval needs an image encoder: its keys are the image encoder's features")
         if self.memory is not None and self.memory.audio_frames and not hasattr(encoders.get("audio"), "logmel"):
-            raise ValueError("model.retrieval.audio needs an audio encoder with a log-mel front end (audio_transformer): "
-                             "audio keys are its log-mel")
+            raise ValueError("model.retrieval.audio needs an audio encoder with a log-mel front end "
+                             "(audio_transformer): audio keys are its log-mel")
         self.fusion = fusion
         self.decoder = decoder
         self.losses = nn.ModuleDict({n: loss for n, (loss, _) in losses.items()})
