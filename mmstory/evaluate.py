@@ -438,11 +438,8 @@ def _baselines(records: list[dict], refs: Mapping[str, Reference], matcher: Labe
         out["majority"] = majority
     chance: dict[str, Any] = {}
     if capped and "retrieval" in tasks:
-        positives, start = [], 0
-        for r in capped:
-            positives.append(range(start, start + len(r["references"])))
-            start += len(r["references"])
-        chance["retrieval_R@1"] = chance_recall(positives, start)
+        texts, positives = text_gallery(capped)  # the gallery _retrieval ranks
+        chance["retrieval_R@1"] = chance_recall(positives, len(texts))
     classes = {r["label"] for r in records if r["label"]}
     if classes and "zeroshot" in tasks:
         chance["zeroshot_top1"] = 1 / len(classes)
@@ -465,10 +462,7 @@ def _transfer(images: list[dict], ref: Reference, sim: torch.Tensor, matcher: La
         preds = nn_answers(ref, sim, [(i, q["question"], q["type"]) for i, q in asked])
         out["qa"] = qa_metrics([{**q, "nn": p} for (_, q), p in zip(asked, preds)], "nn")
     if rows and "retrieval" in tasks:
-        texts, positives = [], []
-        for i in rows:
-            positives.append(list(range(len(texts), len(texts) + len(images[i]["references"]))))
-            texts += images[i]["references"]
+        texts, positives = text_gallery([images[i] for i in rows])
         scores = nn_text_scores(ref, sim[rows], texts)
         out["retrieval"] = {f"{images[0]['modality']}_to_text": retrieval_recall(scores, positives)}
     labelled = [i for i, r in enumerate(images) if r["label"]]
@@ -544,19 +538,30 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
                      captions=captions, labels=labels, qa=qa, modality=modality)
 
 
+def text_gallery(recs: Sequence[dict]) -> tuple[list[str], list[list[int]]]:
+    """The distinct reference texts of ``recs`` (the retrieval gallery) and, per record, the gallery indices of its
+    own references. A caption that several records carry (one concept in two art styles) is one gallery entry and a
+    positive of each of them: listed once per record, its copies would tie with the positive and count as
+    negatives (``retrieval_recall`` breaks ties pessimistically), so no model could rank it first."""
+    index: dict[str, int] = {}
+    positives = [sorted({index.setdefault(t, len(index)) for t in r["references"]}) for r in recs]
+    return list(index), positives
+
+
 def _retrieval(model, recs: list[dict], media: torch.Tensor, modality: str, batch_size: int) -> dict | None:
-    """R@1/5/10 media->text over all captions of the split, and text->media."""
+    """R@1/5/10 media->text over the distinct captions of the split (``text_gallery``), and text->media (a text's
+    positives: every sample that carries it)."""
     keep = [i for i, r in enumerate(recs) if r["references"]]
     if not keep:
         return None
-    texts, owner, positives = [], [], []
-    for n, i in enumerate(keep):
-        positives.append(list(range(len(texts), len(texts) + len(recs[i]["references"]))))
-        texts += recs[i]["references"]
-        owner += [n] * len(recs[i]["references"])
+    texts, positives = text_gallery([recs[i] for i in keep])
+    owners: list[list[int]] = [[] for _ in texts]
+    for n, pos in enumerate(positives):
+        for t in pos:
+            owners[t].append(n)
     sim = media[keep] @ embed_texts(model, texts, batch_size=max(batch_size, 64)).T  # (N, Nt)
     return {f"{modality}_to_text": retrieval_recall(sim, positives),
-            f"text_to_{modality}": retrieval_recall(sim.T.contiguous(), owner),
+            f"text_to_{modality}": retrieval_recall(sim.T.contiguous(), owners),
             "num_samples": len(keep), "num_texts": len(texts)}
 
 

@@ -142,10 +142,12 @@ def test_evaluate_baselines_equal_a_direct_computation(tmp_path):
         answers += [train[j][2], "yes" if "red" in train[j][2] else "no"]
         truth += [[label], ["yes" if "red" in label else "no"]]
     assert got["qa"]["overall"] == pytest.approx(vqa_accuracy(answers, truth)["overall"])
-    texts = [t for _, _, label in val for t in (label, f"an emoji of a {label}")]
+    # the gallery: each distinct caption once, a positive of every sample that carries it
+    texts = list(dict.fromkeys(t for _, _, label in val for t in (label, f"an emoji of a {label}")))
     text_sim = np.stack([[max(sim[q, j] for j in range(len(train)) if train[j][2] in t) for t in texts]
                          for q in range(len(val))])
-    want = retrieval_recall(torch.tensor(text_sim), [[2 * q, 2 * q + 1] for q in range(len(val))])
+    want = retrieval_recall(torch.tensor(text_sim), [[texts.index(label), texts.index(f"an emoji of a {label}")]
+                                                     for _, _, label in val])
     assert got["retrieval"]["image_to_text"] == pytest.approx(want)
     assert got["zeroshot"]["top1"] == pytest.approx(got["caption"]["label_accuracy"])
     # the majority and chance baselines
@@ -154,3 +156,30 @@ def test_evaluate_baselines_equal_a_direct_computation(tmp_path):
         np.mean([lab == majority for _, _, lab in val]))
     assert res["metrics"]["baselines"]["chance"]["zeroshot_top1"] == pytest.approx(1 / len({lab for *_, lab in val}))
     assert normalize_text(" What IS  shown? ") == "what is shown"
+
+
+def test_retrieval_counts_a_caption_two_samples_share_as_a_positive_of_both(tmp_path):
+    """One concept in two art styles carries the same captions twice. Each distinct caption is one gallery entry
+    and a positive of both samples (``text_gallery``), so a split with every sample twice scores the image->text
+    recall, the text->image R@1 and the chance R@1 of the split once; listed once per sample, the twin's copy of
+    a caption would tie with the positive and rank it second."""
+    from mmstory.evaluate import text_gallery
+
+    texts, positives = text_gallery([{"references": ["a", "b"]}, {"references": ["c"]}, {"references": ["b", "a"]}])
+    assert texts == ["a", "b", "c"] and positives == [[0, 1], [2], [0, 1]]
+    rows = [(f"t{i}", _glyph(i % 4, i), LABELS[i % 4]) for i in range(6)]
+    once = _write(tmp_path / "once.tar", rows)
+    cfg = tiny_config(audio=False)
+    cfg.encoders["image"].args["image_size"] = 64
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    data = DataConfig(workers=0)
+    got = [evaluate(model, shards, tasks=("retrieval",), batch_size=4, data=data, progress=False)["metrics"]
+           for shards in ([once], [once, once])]
+    once_r, twice_r = got[0]["retrieval"], got[1]["retrieval"]
+    assert twice_r["num_samples"] == 12 and twice_r["num_texts"] == once_r["num_texts"] == 8
+    assert twice_r["image_to_text"] == once_r["image_to_text"]
+    # (text->image ranks twice the images: R@1 is unchanged, a deeper cut-off counts the doubled negatives)
+    assert twice_r["text_to_image"]["R@1"] == once_r["text_to_image"]["R@1"]
+    chance = [g["baselines"]["chance"]["retrieval_R@1"] for g in got]
+    assert chance[1] == pytest.approx(chance[0]) == pytest.approx(2 / 8)

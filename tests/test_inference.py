@@ -190,7 +190,8 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
     assert set(m["caption"]) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert m["qa"]["num_questions"] == 10 and set(m["qa"]["per_type"]) == {"what", "yesno"}
     assert set(m["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
-    assert m["retrieval"]["image_to_text"]["R@10"] == 1.0  # 10 texts in the gallery: every positive is in
+    assert m["retrieval"]["num_texts"] == 8  # the two "cat face" samples share their 2 captions: 8 distinct texts
+    assert m["retrieval"]["image_to_text"]["R@10"] == 1.0  # every positive is in the top 10 of 8
     assert m["zeroshot"]["num_classes"] == 4 and 0.0 <= m["zeroshot"]["top1"] <= m["zeroshot"]["top5"] == 1.0
     # inference equals evaluation: the same file through model.caption / model.answer gives the same text
     first = res["predictions"][0]
