@@ -92,9 +92,9 @@ def logmel_features(wave: torch.Tensor, mask: torch.Tensor | None, logmel, frame
     audio counterpart of ``pixel_features``: the clip's log-mel (``logmel``, e.g. the audio encoder's front end)
     over its real samples only, resampled in time to ``frames`` frames (so a long and a short saying of the same
     word line up), mean-centred per clip, L2-normalised."""
-    n = wave.shape[1] if mask is None else None
     mel = logmel(wave.float() if mask is None else wave.float() * mask)  # (N, F, n_mels)
-    counts = logmel.frames(torch.full((wave.shape[0],), n) if mask is None else mask.sum(1).cpu())
+    lengths = torch.full((wave.shape[0],), wave.shape[1]) if mask is None else mask.sum(1).cpu()
+    counts = logmel.frames(lengths)
     rows = []
     for m, c in zip(mel, counts.clamp(min=1, max=mel.shape[1]).tolist()):
         m = F.interpolate(m[:c].T[None], size=frames, mode="linear", align_corners=False)[0]  # (n_mels, frames)

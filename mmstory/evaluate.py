@@ -265,11 +265,8 @@ def evaluate(model: "MultimodalModel", split_or_urls: Any, *, tasks: Sequence[st
                     images[key] = _thumbnail(inputs["image"][j], mean, std)
             if need_embeds:
                 embeds[modality].append(model.embed_inputs(inputs)[modality].float().cpu())
-            if "image" in nn_refs and modality == "image":
-                raw["image"].append(pixel_features(inputs["image"], mean, std).cpu())
-            if "audio" in nn_refs and modality == "audio":
-                raw["audio"].append(logmel_features(inputs["audio"], inputs.get("audio_mask"),
-                                                    model.encoders["audio"].logmel).cpu())
+            if modality in nn_refs:
+                raw[modality].append(raw_features(model, modality, inputs, mean, std))
             if "caption" in tasks:
                 with_refs = [j for j, r in enumerate(recs) if r["references"]]
                 if with_refs:
@@ -404,6 +401,14 @@ def _dependence(records: list[dict], losses: list, matcher: LabelMatcher | None)
 RAW_NN = {"image": "pixel_nn", "audio": "logmel_nn"}  # the raw-input nearest-neighbour baseline of each modality
 
 
+def raw_features(model, modality: str, inputs: dict, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The raw-input baseline's features (``RAW_NN``) of one modality's batch, on the CPU: raw pixels for images,
+    the log-mel through the audio encoder's front end for clips (``inputs`` on that encoder's device)."""
+    if modality == "image":
+        return pixel_features(inputs["image"], mean, std).cpu()
+    return logmel_features(inputs["audio"], inputs.get("audio_mask"), model.encoders["audio"].logmel).cpu()
+
+
 def _baselines(records: list[dict], refs: Mapping[str, Reference], matcher: LabelMatcher | None,
                raw: Mapping[str, list[torch.Tensor]], embeds: Mapping[str, list[torch.Tensor]],
                tasks: Sequence[str]) -> dict:
@@ -517,14 +522,10 @@ def reference_bank(model: "MultimodalModel", split_or_urls: Any, *, data: DataCo
             if found != modality:
                 continue
             require_encoder(model, modality)
-            if modality == "image":
-                feats["pixel_nn"].append(pixel_features(inputs["image"], mean, std))
-            else:
-                feats["logmel_nn"].append(logmel_features(inputs["audio"], inputs.get("audio_mask"),
-                                                          model.encoders["audio"].logmel).cpu())
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            feats[RAW_NN[modality]].append(raw_features(model, modality, inputs, mean, std))
             if modality in model.embed_proj:
-                feats["embedding_nn"].append(model.embed_inputs({k: v.to(model.device) for k, v in inputs.items()})
-                                             [modality].float().cpu())
+                feats["embedding_nn"].append(model.embed_inputs(inputs)[modality].float().cpu())
             for i in rows:
                 meta = batch["meta"][i]
                 captions.append(strings(meta.get("captions")) or list(batch["references"][i]))
