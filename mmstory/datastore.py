@@ -14,17 +14,21 @@ from mmstory.data.stats import SilentStats
 from mmstory.data.transforms import qa_items, strings
 from mmstory.data.wordings import Wordings
 from mmstory.evaluate import eval_data_config
+from mmstory.feature_cache import FeatureCache
 from mmstory.question_bank import QuestionBank
 
 
 @torch.no_grad()
 def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None = None, autocast=None,
-                    progress: bool = True) -> dict[str, int]:
+                    progress: bool = True, cache: FeatureCache | None = None) -> dict[str, int]:
     """Fill ``model.memory`` from a (training) split: per captioned image sample, the frozen image encoder's pooled
     features (evaluation transforms: the same input the image gets in training without augmentation), and, when
     the model's clips retrieve too (``retrieval.audio``), per captioned audio sample its log-mel key; each with its
     first ``retrieval.captions`` captions joined by "; ", keyed by the sample key. A modality the split has
     replaces that modality's datastore; the others are kept (so an image split and an audio split fill both).
+    ``cache``: the training run's ``FeatureCache``; one that caches the image tower is filled on the way (the
+    datastore's inputs are the training inputs without augmentation, which is when the tower is cached), so
+    training does not run the frozen tower on these images again.
     Returns the number of entries per modality filled."""
     if model.memory is None:
         raise ValueError("this model has no retrieval memory (model.retrieval.k is 0)")
@@ -47,7 +51,10 @@ def build_datastore(model, split_or_urls, *, data=None, batch_size: int | None =
             if modality == "image":
                 images = batch["image"][rows].to(model.device)
                 with (autocast or nullcontext)():
-                    pooled = model.encoders["image"](images).pooled
+                    if cache is not None and "image" in cache.modalities:
+                        pooled = cache.encode(model, "image", [batch["__key__"][i] for i in rows], images).pooled
+                    else:
+                        pooled = model.encoders["image"](images).pooled
                 keys.append(model.retrieval_key(pooled, images))
             else:
                 keys.append(model.audio_retrieval_key(batch["audio"][rows].to(model.device),

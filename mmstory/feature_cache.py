@@ -4,6 +4,8 @@ When an encoder is frozen (no gradients, eval mode: ``MultimodalModel.freeze``) 
 the same every epoch (no augmentation), its output for that sample never changes, so the trainer runs it once
 per sample and reads the stored output in later epochs (LiT and ClipCap train on precomputed features of
 their locked tower the same way). ``MultimodalModel.encode`` takes the outputs from ``batch["features"]``.
+The retrieval datastore, built before training from the same images with the same transforms, fills the cache
+as it goes (``build_datastore(cache=...)``), so the first epoch reads its images' features too.
 
 Each stored row keeps a checksum of its input; an input that changes between epochs (augmentation left on)
 raises instead of silently training on stale features.
@@ -47,8 +49,14 @@ class FeatureCache:
             x, mask = batch[key], batch[mask_key] if mask_key else None
             keys = batch["__key__"] if m != "question" else \
                 [tuple(row[:n].tolist()) for row, n in zip(x, mask.sum(1).tolist())]
-            out[m] = self._encode(model.encoders[m], m, keys, x, mask)
+            out[m] = self.encode(model, m, keys, x, mask)
         return out
+
+    def encode(self, model, modality: str, keys: list, x: torch.Tensor, mask: torch.Tensor | None = None
+               ) -> EncoderOutput:
+        """``model.encoders[modality]`` on ``x`` (rows named by ``keys``), through the cache: also how another pass
+        over the training images (the retrieval datastore's) fills it, so the frozen tower runs once per image."""
+        return self._encode(model.encoders[modality], modality, keys, x, mask)
 
     def _encode(self, encoder, modality: str, keys: list[str], x: torch.Tensor, mask: torch.Tensor | None
                 ) -> EncoderOutput:

@@ -416,7 +416,7 @@ def setup(cfg: TrainConfig, out_dir: Path, *, resume: bool) -> Run:
         sources = [fit_split(cfg)] + ([cfg.data.train["audio"]] if cfg.model.retrieval.audio else [])
         for split in sources:  # (with retrieval.audio, also the training clips', keyed by their log-mel)
             n = build_datastore(model, manifest.split(split), data=cfg.data.loader, autocast=autocast,
-                                progress=is_main)
+                                progress=is_main, cache=cache)  # (which it fills: the tower runs once an image)
             log(f"retrieval datastore: {', '.join(f'{v} captioned {m} samples' for m, v in n.items())} of {split}")
     if cfg.model.question_bank.encoder:  # other wordings are asked as the nearest training question
         wordings = Wordings.load(cfg.data.loader.wordings) if cfg.data.loader.wordings else None

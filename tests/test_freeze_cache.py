@@ -83,3 +83,31 @@ def test_feature_cache_refuses_an_input_that_changed():
         cache(model, {"__key__": ["a", "b"], "image": images + torch.tensor([0.0, 0.5]).view(2, 1, 1, 1)})
     with pytest.raises(ValueError, match="cannot cache \\['text'\\]"):
         FeatureCache(["text"])
+
+
+def test_datastore_fills_the_cache_so_training_runs_the_frozen_tower_once_per_image(tmp_path):
+    from mmstory.config import DataConfig, RetrievalConfig
+    from mmstory.data.loader import build_loader, fit_to_encoders, model_text_args
+    from mmstory.datastore import build_datastore
+    from test_baselines import LABELS, _glyph, _write
+
+    shard = _write(tmp_path / "train.tar", [(f"t{i}", _glyph(i % 4, i), LABELS[i % 4]) for i in range(8)])
+    model = _cnn_model()
+    model.config.retrieval = RetrievalConfig(k=1, max_tokens=6)
+    model = build_model(model.config)
+    model.freeze(["encoders.image"])
+    rows = []  # images the tower ran on
+    model.encoders["image"].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    plain = build_model(model.config)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    data = DataConfig(workers=0, batch_size=3, augment=False)
+    cache = FeatureCache(["image"])
+    assert build_datastore(model, [shard], data=data, progress=False, cache=cache) == {"image": 8}
+    assert sum(rows) == 8 and sorted(cache.rows["image"]) == [f"t{i}" for i in range(8)]
+    build_datastore(plain, [shard], data=data, progress=False)  # the same keys without a cache
+    torch.testing.assert_close(model.memory.store().keys, plain.memory.store().keys)
+    # an epoch of the training loader (no augmentation) finds every image in the cache, with the same input
+    cfg, norm = fit_to_encoders(data, model.encoders)
+    for batch in build_loader([shard], cfg, **model_text_args(model), train=True, **norm):
+        cache(model, batch)
+    assert sum(rows) == 8 and cache.misses == 8 and cache.hits == 8
