@@ -749,8 +749,8 @@ def write_report(results: dict, out_dir: str | os.PathLike, images: int | Mappin
             name = f"images/{n:03d}.png"
             img.save(out / name)
             cell = f"![{_md(r['key'])}]({name})<br>{_md(r['key'])}"
-        qa = "<br>".join(f"{_md(q['question'])} → **{_md(q.get('prediction', ''))}** / {_md(q['answers'][0])}"
-                         for q in r["qa"])
+        qa = "<br>".join(f"{_md(q['question'])} → **{_md(q['prediction'])}** / {_md(q['answers'][0])}"
+                         for q in r["qa"] if "prediction" in q)  # (questions not asked, e.g. a captions-only fit: none)
         zs = "" if r.get("zeroshot") is None else f"{_md(r['zeroshot'])} (true: {_md(r['label'])})"
         lines.append(f"| {cell} | {_md(r['caption'] or '')} | {'<br>'.join(_md(c) for c in r['references'])} "
                      f"| {qa} | {zs} |")

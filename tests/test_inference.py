@@ -18,7 +18,7 @@ from conftest import tiny_config
 from mmstory import inference
 from mmstory.cli import main
 from mmstory.config import DataConfig
-from mmstory.evaluate import EVAL_TASKS, evaluate, summary, write_report
+from mmstory.evaluate import EVAL_TASKS, _md, evaluate, summary, write_report
 from mmstory.generation import DecodeOptions
 from mmstory.model import build_model
 
@@ -205,6 +205,11 @@ def test_evaluate_tiny_shards_and_report(model, tmp_path):
 
     report = write_report(res, tmp_path / "report", images=4)
     assert report.read_text().count("images/") == 4
+    assert f"what is shown? → **{_md(first['qa'][0]['prediction'])}** /" in report.read_text()
+    # questions that were not asked (captions only, as in the report's fit on training images) are not listed
+    captions_only = evaluate(model, [image_tar], tasks=("caption",), decode=DecodeOptions(**DECODE),
+                             data=DataConfig(workers=0), meteor=False, progress=False, diagnostics=False)
+    assert "→" not in write_report(captions_only, tmp_path / "captions_only").read_text()
     assert (tmp_path / "report" / "grid.png").is_file()
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["metrics"]["qa"]["overall"] == m["qa"]["overall"]
