@@ -56,11 +56,7 @@ class FeatureCache:
                ) -> EncoderOutput:
         """``model.encoders[modality]`` on ``x`` (rows named by ``keys``), through the cache: also how another pass
         over the training images (the retrieval datastore's) fills it, so the frozen tower runs once per image."""
-        return self._encode(model.encoders[modality], modality, keys, x, mask)
-
-    def _encode(self, encoder, modality: str, keys: list[str], x: torch.Tensor, mask: torch.Tensor | None
-                ) -> EncoderOutput:
-        store = self.rows[modality]
+        encoder, store = model.encoders[modality], self.rows[modality]
         # (B,) checksums of the inputs; a question's key is its content already
         sums = x.flatten(1).float().sum(1).tolist() if modality != "question" else [0.0] * len(keys)
         todo = [i for i, k in enumerate(keys) if k not in store]

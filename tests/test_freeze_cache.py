@@ -8,9 +8,11 @@ from mmstory.model import build_model
 from conftest import TINY_ENCODER_ARGS, tiny_config
 
 
-def _cnn_model():
+def _cnn_model(retrieval=None):
     cfg = tiny_config(audio=False)
     cfg.encoders["image"] = Component("timm_cnn", dict(TINY_ENCODER_ARGS["timm_cnn"]))  # has BatchNorm
+    if retrieval is not None:
+        cfg.retrieval = retrieval
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -92,14 +94,10 @@ def test_datastore_fills_the_cache_so_training_runs_the_frozen_tower_once_per_im
     from test_baselines import LABELS, _glyph, _write
 
     shard = _write(tmp_path / "train.tar", [(f"t{i}", _glyph(i % 4, i), LABELS[i % 4]) for i in range(8)])
-    model = _cnn_model()
-    model.config.retrieval = RetrievalConfig(k=1, max_tokens=6)
-    model = build_model(model.config)
+    model, plain = (_cnn_model(RetrievalConfig(k=1, max_tokens=6)) for _ in range(2))  # the same weights (seed 0)
     model.freeze(["encoders.image"])
     rows = []  # images the tower ran on
     model.encoders["image"].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    plain = build_model(model.config)
-    plain.load_state_dict(model.state_dict(), strict=False)
     data = DataConfig(workers=0, batch_size=3, augment=False)
     cache = FeatureCache(["image"])
     assert build_datastore(model, [shard], data=data, progress=False, cache=cache) == {"image": 8}

@@ -14,7 +14,6 @@ L2-normalised pooled features (``RetrievalMemory.key`` without a colour layout),
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -26,24 +25,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mmstory.data.manifest import load_manifest  # noqa: E402
 from mmstory.data.shards import iter_tar  # noqa: E402
 from mmstory.data.stats import SilentStats  # noqa: E402
-from mmstory.data.transforms import ImageTransform  # noqa: E402
+from mmstory.data.transforms import IMAGE_EXTS, ImageTransform, decode_image  # noqa: E402
 from mmstory.encoders import ENCODERS  # noqa: E402
 
 
-def training_images(manifest: str, split: str) -> tuple[list[Image.Image], list[str]]:
+def training_images(manifest: str, split: str) -> tuple[list, list[str]]:
     images, labels = [], []
     for shard in load_manifest(manifest).split(split).shards:
         for raw in iter_tar(shard.url, SilentStats()):
-            ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in raw), None)
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
                 continue
-            images.append(Image.open(io.BytesIO(raw[ext])).convert("RGB"))
+            images.append(decode_image(raw[ext]))
             labels.append(json.loads(raw["json"])["labels"]["label"])
     return images, labels
 
