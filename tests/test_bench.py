@@ -126,3 +126,21 @@ def test_serve_benchmark_runs_both_settings_without_failures(tmp_path):
         assert res[setting]["server_stats"]["requests"] == 8 + 8 + 4  # warm-up, heavy, moderate
     assert list(res["batch1"]["server_stats"]["batch_sizes"]) == ["1"]
     assert "max_batch 32 | heavy | 4 | 8 / 0" in serve_bench.table(res)
+
+
+def test_zeroshot_levers_holds_out_whole_concepts_and_learns_the_rest():
+    """experiments/bench/zeroshot_levers.py: both art styles of a held-out concept stay out of training, and the
+    trained contrastive path names its training concepts far above chance."""
+    import zeroshot_levers
+
+    torch.manual_seed(0)
+    names = ["red apple", "blue car", "green tree", "yellow sun", "black cat", "white cloud", "orange fish",
+             "purple grape", "brown dog", "pink flower"]
+    centres = torch.randn(len(names), 1280)
+    data = {"pooled": torch.cat([centres + 0.3 * torch.randn(len(names), 1280) for _ in range(2)]),  # two styles
+            "label": names * 2, "concept": [f"c{i}" for i in range(len(names))] * 2,
+            "captions": [[n, f"an emoji of a {n}"] for n in names] * 2}
+    row = zeroshot_levers.run_arm("frozen", data, fold=0, dev_share=0.2, steps=100, batch=8)
+    assert (row["train_images"], row["dev_images"], row["dev_classes"]) == (16, 4, 2)
+    assert row["curve"][0]["step"] == 100 and row["text"] == "frozen" and row["steps"] == 100
+    assert row["train_zero_shot"] >= 0.75  # chance among the 8 training labels: 0.125
