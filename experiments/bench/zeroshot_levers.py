@@ -6,11 +6,12 @@ without looking at val_novel, which is the split issue 16's target is measured o
 What runs here is the image-text contrastive path of ``experiments/emoji_pretrained.yaml`` and nothing else:
 the frozen ImageNet EfficientNet-Lite0 at 96 px (pooled features computed once, as the training feature cache
 does), MiniLM-L6 from its pip package (frozen or tuned), linear projections to a 128-wide embedding, the
-project's ``ContrastiveLoss`` (learned temperature) on a random caption per image, AdamW with warm-up and
-cosine decay, bf16 autocast. Zero-shot uses the report's templates (``DEFAULT_TEMPLATES``). A whole training
-run (decoder, audio, report) takes ~9 minutes per arm and can only be judged on val_novel; an arm here takes
-1-5 minutes on 2 CPU cores. Each dev fold holds ~380 images, so one image is 0.26 points and the binomial
-standard error of a score near 0.23 is ~2.2 points: read differences under ~3 points as noise.
+project's ``ContrastiveLoss`` (learned temperature) on a random caption per image, AdamW (weight decay 0.05, lr
+1e-3, MiniLM x0.1) under the trainer's ``Schedule`` (50 warm-up steps, cosine to 5 %), bf16 autocast. Zero-shot
+uses the report's templates (``DEFAULT_TEMPLATES``). A whole training run (decoder, audio, report) takes ~9
+minutes per arm and can only be judged on val_novel; an arm here takes 1-5 minutes on 2 CPU cores. Each dev fold
+holds ~380 images, so one image is 0.26 points and the binomial standard error of a score near 0.23 is ~2.2
+points: read differences under ~3 points as noise.
 
     python experiments/bench/zeroshot_levers.py [--arms tuned frozen ...] [--folds 0 1]
         [--out experiments/bench/zeroshot_levers_results.json]
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -39,6 +39,7 @@ from mmstory.data.transforms import IMAGE_EXTS, ImageTransform, decode_image  # 
 from mmstory.encoders import ENCODERS  # noqa: E402
 from mmstory.inference import DEFAULT_TEMPLATES  # noqa: E402
 from mmstory.losses.contrastive import ContrastiveLoss  # noqa: E402
+from mmstory.schedule import Schedule  # noqa: E402
 
 # each arm changes one thing against "tuned" (emoji_pretrained.yaml's contrastive path)
 BASE = {"text": "tuned", "lr_mult": 0.1, "batch": 64, "steps": 400, "head": "linear"}
@@ -124,12 +125,12 @@ def run_arm(name: str, data: dict, fold: int, seed: int = 0, dev_share: float = 
     groups = [{"params": rest, "lr": 1e-3}] + ([{"params": tuned, "lr": 1e-3 * arm["lr_mult"]}] if tuned else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.05)
     base_lr = [g["lr"] for g in opt.param_groups]
+    schedule = Schedule(warmup_steps=50, min_lr_ratio=0.05, total=arm["steps"])  # the trainer's defaults
     order: list[int] = []
     start, curve = time.perf_counter(), []
     for step in range(arm["steps"]):
-        scale = min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / arm["steps"]))
         for group, lr in zip(opt.param_groups, base_lr):
-            group["lr"] = lr * scale
+            group["lr"] = lr * schedule.factor(step)
         if len(order) < arm["batch"]:  # epochs of shuffled training rows
             order += rng.sample(train_rows, len(train_rows))
         rows, order = order[:arm["batch"]], order[arm["batch"]:]
@@ -145,7 +146,8 @@ def run_arm(name: str, data: dict, fold: int, seed: int = 0, dev_share: float = 
             curve.append({"step": step + 1, "loss": round(loss.item(), 4),
                           "dev_zero_shot": round(zero_shot(heads, data, dev_rows), 4)})
     seconds = time.perf_counter() - start
-    return {"arm": name, **arm, "fold": fold, "seed": seed, "train_images": len(train_rows), "dev_images": len(dev_rows),
+    return {"arm": name, **arm, "fold": fold, "seed": seed,
+            "train_images": len(train_rows), "dev_images": len(dev_rows),
             "dev_classes": len({data["label"][i] for i in dev_rows}),
             "dev_zero_shot": zero_shot(heads, data, dev_rows),
             "train_zero_shot": zero_shot(heads, data, train_rows[:400]),  # the fit, 400 training images
