@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -34,30 +35,41 @@ from mmstory.data.transforms import IMAGE_EXTS, ImageTransform, decode_image  # 
 from mmstory.encoders import ENCODERS  # noqa: E402
 
 
-def training_images(manifest: str, split: str) -> tuple[list, list[str]]:
-    images, labels = [], []
+def shard_images(manifest: str, split: str) -> tuple[list, list[dict]]:
+    """The decoded images of a split and each one's json metadata (also read by zeroshot_levers.py)."""
+    images, metas = [], []
     for shard in load_manifest(manifest).split(split).shards:
         for raw in iter_tar(shard.url, SilentStats()):
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
                 continue
             images.append(decode_image(raw[ext]))
-            labels.append(json.loads(raw["json"])["labels"]["label"])
-    return images, labels
+            metas.append(json.loads(raw["json"]))
+    return images, metas
 
 
-@torch.no_grad()
-def twin_accuracy(images, labels, size: int, stage: int | None, batch: int = 128) -> dict:
+def frozen_tower(size: int, stage: int | None = None) -> nn.Module:
+    """The pip package's ImageNet EfficientNet-Lite0 at ``size`` px, whole or cut after ``stage``, in eval mode."""
     args = {"model_name": "tf_efficientnet_lite0", "pretrained": "package:efficientnet_lite0", "image_size": size}
     if stage is not None:
         args["feature_stage"] = stage
-    tower = ENCODERS.build("timm_cnn", args).eval()
+    return ENCODERS.build("timm_cnn", args).eval()
+
+
+@torch.no_grad()
+def pooled_features(tower: nn.Module, images: list, batch: int = 128) -> torch.Tensor:
+    """(N, width) float pooled features of ``images`` through the evaluation transforms of ``tower``."""
     pre = tower.preprocess
-    transform = ImageTransform(size=size, train=False, mean=pre["mean"], std=pre["std"])
+    transform = ImageTransform(size=pre["image_size"], train=False, mean=pre["mean"], std=pre["std"])
     rng = random.Random(0)
+    return torch.cat([tower(torch.stack([transform(im, rng) for im in images[i:i + batch]])).pooled.float()
+                      for i in range(0, len(images), batch)])
+
+
+def twin_accuracy(images, labels, size: int, stage: int | None) -> dict:
+    tower = frozen_tower(size, stage)
     start = time.perf_counter()
-    keys = torch.cat([F.normalize(tower(torch.stack([transform(im, rng) for im in images[i:i + batch]])).pooled.float(),
-                                  dim=-1) for i in range(0, len(images), batch)])
+    keys = F.normalize(pooled_features(tower, images), dim=-1)
     seconds = time.perf_counter() - start
     count = Counter(labels)
     queries = [i for i, label in enumerate(labels) if count[label] == 2]
@@ -78,7 +90,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    images, labels = training_images(args.manifest, args.split)
+    images, metas = shard_images(args.manifest, args.split)
+    labels = [m["labels"]["label"] for m in metas]
     rows = []
     for stage in args.stages:
         for size in args.sizes:

@@ -32,14 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mmstory.data.manifest import load_manifest  # noqa: E402
-from mmstory.data.shards import iter_tar  # noqa: E402
-from mmstory.data.stats import SilentStats  # noqa: E402
-from mmstory.data.transforms import IMAGE_EXTS, ImageTransform, decode_image  # noqa: E402
 from mmstory.encoders import ENCODERS  # noqa: E402
 from mmstory.inference import DEFAULT_TEMPLATES  # noqa: E402
 from mmstory.losses.contrastive import ContrastiveLoss  # noqa: E402
 from mmstory.schedule import Schedule  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tower_neighbours import frozen_tower, pooled_features, shard_images  # noqa: E402
 
 # each arm changes one thing against "tuned" (emoji_pretrained.yaml's contrastive path)
 BASE = {"text": "tuned", "lr_mult": 0.1, "batch": 64, "steps": 400, "head": "linear"}
@@ -55,28 +54,15 @@ ARMS = {
 
 def read_split(manifest: str, split: str, size: int = 96) -> dict:
     """The frozen tower's pooled features, captions, labels and concepts of one split."""
-    args = {"model_name": "tf_efficientnet_lite0", "pretrained": "package:efficientnet_lite0", "image_size": size}
-    tower = ENCODERS.build("timm_cnn", args).eval()
-    transform = ImageTransform(size=size, train=False, mean=tower.preprocess["mean"], std=tower.preprocess["std"])
-    images, metas = [], []
-    for shard in load_manifest(manifest).split(split).shards:
-        for raw in iter_tar(shard.url, SilentStats()):
-            ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is not None:
-                images.append(decode_image(raw[ext]))
-                metas.append(json.loads(raw["json"]))
-    rng, pooled = random.Random(0), []
-    with torch.no_grad():
-        for i in range(0, len(images), 128):
-            pooled.append(tower(torch.stack([transform(im, rng) for im in images[i:i + 128]])).pooled.float())
-    return {"pooled": torch.cat(pooled), "captions": [m["captions"] for m in metas],
+    images, metas = shard_images(manifest, split)
+    return {"pooled": pooled_features(frozen_tower(size), images), "captions": [m["captions"] for m in metas],
             "label": [m["labels"]["label"] for m in metas], "concept": [m["concept"] for m in metas]}
 
 
 class Heads(nn.Module):
     """The arm's trainable part: MiniLM (frozen or tuned) and the two projections."""
 
-    def __init__(self, arm: dict, embed_dim: int = 128):
+    def __init__(self, arm: dict, image_width: int, embed_dim: int = 128):
         super().__init__()
         self.text = ENCODERS.build("hf_text", {"path": "package:all_minilm_l6_v2"})
         if arm["text"] == "frozen":
@@ -84,9 +70,8 @@ class Heads(nn.Module):
         elif arm["text"] == "embeddings_frozen":
             self.text.model.embeddings.requires_grad_(False)
         self.text_proj = nn.Linear(self.text.pooled_width, embed_dim, bias=False)
-        width = 1280
-        self.image_proj = (nn.Linear(width, embed_dim, bias=False) if arm["head"] == "linear" else
-                           nn.Sequential(nn.Linear(width, 512), nn.GELU(), nn.Linear(512, embed_dim, bias=False)))
+        self.image_proj = (nn.Linear(image_width, embed_dim, bias=False) if arm["head"] == "linear" else
+                           nn.Sequential(nn.Linear(image_width, 512), nn.GELU(), nn.Linear(512, embed_dim, bias=False)))
         self.loss = ContrastiveLoss(pairs=[["image", "text"]])
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
@@ -119,7 +104,7 @@ def run_arm(name: str, data: dict, fold: int, seed: int = 0, dev_share: float = 
     dev_rows = [i for i, c in enumerate(data["concept"]) if c in dev]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    heads = Heads(arm).train()
+    heads = Heads(arm, image_width=data["pooled"].shape[1]).train()
     tuned = [p for p in heads.text.parameters() if p.requires_grad]
     rest = [p for n, p in heads.named_parameters() if p.requires_grad and not n.startswith("text.")]
     groups = [{"params": rest, "lr": 1e-3}] + ([{"params": tuned, "lr": 1e-3 * arm["lr_mult"]}] if tuned else [])
@@ -163,6 +148,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     data = read_split(args.manifest, "train")
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     rows = []
     for fold in args.folds:
         for name in args.arms:
@@ -171,8 +158,6 @@ def main() -> None:
             print(f"fold {fold} {name:>18}  dev zero-shot {row['dev_zero_shot']:.3f} ({row['dev_classes']} classes)  "
                   f"fit {row['train_zero_shot']:.3f}  {row['seconds']:.0f} s", flush=True)
             if args.out:  # after every arm: a long run loses nothing on a crash
-                meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
                 Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print("\n| arm | " + " | ".join(f"fold {f}" for f in args.folds) + " | mean |")
     print("| --- |" + " --- |" * (len(args.folds) + 1))
